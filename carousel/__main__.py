@@ -1,0 +1,3 @@
+from carousel.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,42 @@
+"""The `carousel` console script.
+
+Each subcommand lives in the part it belongs to and exposes `add_arguments(parser)` and
+`run(args) -> int`. Only the chosen subcommand's module is imported, so `carousel serve`
+never imports torch (serving does not need it installed)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("carousel.model.train", "train a recurrent byte-level language model"),
+    "export": ("carousel.export.cli", "export a checkpoint to ONNX in the model repository"),
+    "serve": ("carousel.service.cli", "serve the model repository over HTTP and WebSocket"),
+    "bench": ("carousel.bench.cli", "run the benchmark suite (writes JSON, markdown, PNG)"),
+}
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carousel",
+        description="Serve stateful recurrent (LSTM/GRU) language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # import only what runs
+            importlib.import_module(module).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
