@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 VARIANTS = ("lstm", "peephole", "coupled", "gru")
@@ -77,7 +76,8 @@ def lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 def peephole_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, p):
     """Gers & Schmidhuber (2000): the input and forget gates also see C_{t-1}, the output
-    gate sees the new C_t. p is (3H,) ordered i, f, o (the ONNX LSTM `P` order)."""
+    gate sees the new C_t. p is (3H,) ordered i, f, o (like the gates here; ONNX's LSTM `P`
+    is ordered i, o, f, so an exporter must reorder it)."""
     p_i, p_f, p_o = p.chunk(3)
     gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh  # (B, 4H)
     i, f, g, o = gates.chunk(4, dim=1)
@@ -202,6 +202,8 @@ class RecurrentLayer(nn.Module):
             return out, tuple(n.squeeze(0) for n in new)
         # Uneven lengths: run the packed kernel on rows with length > 0, keep the rest.
         live = (lengths > 0).nonzero().squeeze(1)
+        if len(live) == 0:  # nothing to run (the packer rejects it): every row keeps its state
+            return x.new_zeros(B, T, self.hidden_size), state
         packed = pack_padded_sequence(
             x[live], lengths[live].cpu(), batch_first=True, enforce_sorted=False
         )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import PAD_TARGET, Corpus, StreamBatches, load_corpus
-from .model import LanguageModel, ModelConfig
+from .model import VARIANTS, LanguageModel, ModelConfig
 
 LN2 = math.log(2)
 
@@ -151,6 +151,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume: str | None = None,
     if resume:
         ckpt = load_checkpoint(resume)
         model = model_from_checkpoint(ckpt)
+        # The checkpoint's architecture wins over the options given: saving these weights
+        # under another config would write a checkpoint that no longer loads.
+        model_cfg = model.config
         optimizer = configure_optimizer(model, cfg)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, state, history = ckpt["step"], ckpt["carried_state"], ckpt["history"]
@@ -288,7 +291,7 @@ def add_arguments(parser) -> None:
             if f.name in ("corpus", "fused", "progress", "vocab_size"):
                 continue
             kind = {"int": int, "float": float, "str": str}[f.type]
-            extra = {"choices": ["lstm", "peephole", "coupled", "gru"]} if f.name == "variant" else {}
+            extra = {"choices": list(VARIANTS)} if f.name == "variant" else {}
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                                 help=helps.get(f.name, f.name) + " (preset value if omitted)",
                                 **extra)
