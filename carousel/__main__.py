@@ -1,3 +1,5 @@
-from carousel.cli import main
 import sys
+
+from carousel.cli import main
+
 sys.exit(main())

@@ -52,8 +52,8 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     ),
     # The bundled second model: a small GRU.
     "bytegru": (
-        ModelConfig(variant="gru", embed_dim=32, hidden_size=256, num_layers=1),
-        TrainConfig(out_dir="runs/bytegru", max_steps=1500, batch_size=32, lr=4e-3),
+        ModelConfig(variant="gru", embed_dim=32, hidden_size=256, num_layers=2),
+        TrainConfig(out_dir="runs/bytegru", max_steps=1200, batch_size=32, lr=4e-3),
     ),
     # Seconds on any machine: for trying the pipeline end to end.
     "tiny": (
