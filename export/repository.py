@@ -75,6 +75,9 @@ def publish(staged: Path, target: Path, force: bool) -> None:
             raise VersionExists(f"{target} already exists; pass --force to overwrite it")
         old = target.with_name(f".replaced-{target.name}-{staged.name}")
         target.rename(old)
+    # mkdtemp makes the folder owner-only (0700); a published version must be readable by
+    # whoever serves it (the container runs as a non-root user), like any other file here.
+    staged.chmod(0o755)
     staged.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

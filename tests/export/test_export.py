@@ -90,6 +90,16 @@ def test_next_free_version_and_refusing_to_overwrite(tmp_path, make_checkpoint):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2", "7", "8"]
 
 
+def test_published_version_is_readable_by_everyone(tmp_path, make_checkpoint):
+    # The container serves the repository as a non-root user; a staging folder made by
+    # mkdtemp is owner-only, so publishing must open it up like any other folder.
+    _, ckpt = make_checkpoint("gru", num_layers=1)
+    folder = export_checkpoint(ckpt, tmp_path, "m")
+    assert folder.stat().st_mode & 0o755 == 0o755
+    for f in folder.iterdir():
+        assert f.stat().st_mode & 0o444 == 0o444, f
+
+
 def test_force_overwrites(tmp_path, make_checkpoint):
     _, first = make_checkpoint("lstm", num_layers=1, seed=1)
     _, second = make_checkpoint("lstm", num_layers=1, seed=2)
