@@ -1,0 +1,238 @@
+"""`carousel bench` / `python -m bench`: run the suite, print the table, write the results.
+
+Order: the in-process limit first (nothing else running), then each server in turn (floor,
+naive, carousel) through the HTTP step, WebSocket, generation and predict scenarios, then
+memory on fresh servers, then (with --profile) py-spy on carousel under the 64-session loads.
+Only one server runs at a time; server and load generator share the machine's cores."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import limit, profile, report, scenarios, servers
+from . import plan as plans
+from .graph import GraphRunner, ModelVersion, export_random_model, find_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("limit", "step_http", "step_ws", "generate", "predict", "memory")
+SERVERS = ("floor", "naive", "carousel")
+LOWER_FLOORS = ("floor-starlette", "floor-asgi")  # measured at FLOOR_LEVEL sessions only
+FLOOR_LEVEL = 64
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts, one run each (about 1-2 minutes)")
+    parser.add_argument("--model-repository", type=Path, default=None,
+                        help="model repository (default: the bundled models/)")
+    parser.add_argument("--model", default="bytelm", help="model name (default: bytelm)")
+    parser.add_argument("--version", type=int, default=None, help="model version (default: latest)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder ({RESULTS})")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help="comma-separated subset of " + ",".join(SERVERS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated subset of " + ",".join(SCENARIOS))
+    parser.add_argument("--levels", default=None,
+                        help="concurrent sessions for step and generate, e.g. 1,64")
+    parser.add_argument("--reps", type=int, default=None, help="runs per scenario (median)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample carousel with py-spy under the 64-session loads")
+    parser.add_argument("--carousel-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra CAROUSEL_* setting for the carousel server, repeatable")
+
+
+def resolve_model(args) -> ModelVersion:
+    from carousel.paths import bundled_model_repository
+
+    repository = args.model_repository or bundled_model_repository()
+    found = find_model(repository, args.model, args.version)
+    if found is not None:
+        return found
+    if args.model_repository is not None:
+        raise SystemExit(f"no model {args.model!r} (version {args.version or 'latest'}) "
+                         f"in {repository}")
+    log(f"{args.model} is not in {repository} yet: exporting a random-weight model of the "
+        "default shape (2 x 512 LSTM) to a temporary repository; speed does not depend on "
+        "the weights")
+    return export_random_model(args.model)
+
+
+def server_threads(carousel_env: dict) -> dict:
+    """The thread settings carousel's engine will use (its Settings, with our overrides)."""
+    try:
+        from carousel.service.settings import Settings
+    except ImportError:
+        return {"intra_op_threads": 1, "inter_op_threads": 1, "note": "service not importable"}
+    # Our overrides as init arguments (they win over the environment, as in the server).
+    settings = Settings(**{k.removeprefix("CAROUSEL_").lower(): v
+                           for k, v in carousel_env.items()})
+    return {"intra_op_threads": settings.intra_op_threads,
+            "inter_op_threads": settings.inter_op_threads}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def one_line(result: dict) -> str:
+    if "tokens_per_s" not in result and "sequences_per_s" not in result:
+        return f"FAILED {result.get('failures')}"
+    rate = result.get("tokens_per_s") or result.get("sequences_per_s") or 0
+    lat = result.get("latency_ms") or result.get("inter_token_ms") or {}
+    correct = result.get("correct")
+    verdict = "n/a" if correct is None else ("yes" if correct["ok"] else f"NO {correct}")
+    batch = result.get("mean_batch_size")
+    return (f"{rate:,.0f}/s  p50 {lat.get('p50', 0):.2f} ms  p99 {lat.get('p99', 0):.2f} ms  "
+            f"errors {result.get('errors')}  correct {verdict}"
+            + (f"  batch {batch:.1f}" if batch else "")
+            + f"  load CPU {result.get('client_cpu_pct') or 0:.0f}%")
+
+
+def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env) -> None:
+    server = servers.start(kind, model, out / "logs", carousel_env)
+    sc = results["scenarios"]
+    try:
+        for over_ws, name in ((False, "step_http"), (True, "step_ws")):
+            if name in chosen:
+                for n in plan.levels:
+                    r = scenarios.steps(server, model, runner, plan, n, over_ws)
+                    sc.setdefault(name, {}).setdefault(str(n), {})[kind] = r
+                    log(f"  {name:9} {n:4} {kind:8} {one_line(r)}")
+        if "generate" in chosen:
+            for n in plan.gen_levels:
+                r = scenarios.generate(server, model, runner, plan, n)
+                sc.setdefault("generate", {}).setdefault(str(n), {})[kind] = r
+                log(f"  generate  {n:4} {kind:8} {one_line(r)}")
+        if "predict" in chosen:
+            for case in plan.predict:
+                r = scenarios.predict(server, model, runner, plan, case)
+                sc.setdefault("predict", {}).setdefault(case.label, {})[kind] = r
+                log(f"  predict {case.label:>6} {kind:8} {one_line(r)}")
+    finally:
+        server.stop()
+
+
+def run_profiles(model, runner, plan, out, carousel_env) -> dict:
+    """py-spy on carousel during one 64-session HTTP step, WebSocket step and generation
+    run (not counted in the table: sampling costs the server a little)."""
+    one = plans.Plan(**{**plan.to_dict(), "reps": 1, "predict": []})
+    one.step_requests = max(plan.step_requests, 20_000)  # a few seconds: ~1000 samples
+    one.max_steps = max(one.max_steps, 400)
+    loads = {"step_http": lambda server: scenarios.steps(server, model, runner, one, 64, False),
+             "step_ws": lambda server: scenarios.steps(server, model, runner, one, 64, True),
+             "generate": lambda server: scenarios.generate(server, model, runner, one, 64)}
+    found = {}
+    server = servers.start("carousel", model, out / "logs", carousel_env)
+    try:
+        for name, load in loads.items():
+            path = out / f"profile_{name}_64.txt"
+            with profile.Recording(server.pid, path) as recording:
+                r = load(server)
+            figures = {"tokens_per_s": round(r.get("tokens_per_s") or 0),
+                       "mean_batch_size": r.get("mean_batch_size")}
+            found[name] = {"figures": figures, "raw": str(path),
+                           "threads": profile.summarize(path, recording.thread_cpu_pct)}
+            log(f"  profiled {name} 64: {one_line(r)} -> {path}")
+    finally:
+        server.stop()
+    return found
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    plan = plans.quick() if args.quick else plans.full()
+    if args.reps:
+        plan.reps = args.reps
+    if args.levels:
+        plan.levels = plan.gen_levels = [int(n) for n in args.levels.split(",")]
+    carousel_env = {"CAROUSEL_LOG_LEVEL": "warning",
+                    # room for the memory scenario's sessions on top of the others'
+                    "CAROUSEL_MAX_SESSIONS": str(2 * max(plan.memory_counts) + 10_000)}
+    carousel_env.update(kv.split("=", 1) for kv in args.carousel_setting)
+    model = resolve_model(args)
+    try:
+        return measure(args, plan, model, carousel_env, started)
+    finally:
+        if model.random_weights:  # the stand-in's temporary repository
+            shutil.rmtree(model.repository, ignore_errors=True)
+
+
+def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, started: float
+            ) -> int:
+    chosen = set(args.scenarios.split(","))
+    kinds = [k for k in SERVERS if k in args.servers.split(",")]
+    runner = GraphRunner(model, 1, 1)  # the correctness reference
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        log(f"warning: load average {load_before:.2f} before the run: something else is using "
+            "the cores, and the figures will show it")
+    log(f"carousel bench, {plan.name} plan: model {model.describe()}")
+    log(f"note: {report.SHARED_CORES}")
+    meta = {"plan": plan.to_dict(), "model": model.describe(),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "shared_cores": report.SHARED_CORES, "load_average_before": load_before,
+            "carousel_settings": carousel_env}
+    results: dict = {"meta": meta, "scenarios": {}, "predict_shapes": {
+        c.label: [f"{c.batch}x{c.text_bytes}", f"{c.batch * c.clients}x{c.text_bytes}"]
+        for c in plan.predict}}
+    if "limit" in chosen:
+        threads = {"onnxruntime default": {}, "server settings": server_threads(carousel_env)}
+        shapes = sorted({(b, c.text_bytes) for c in plan.predict
+                         for b in (c.batch, c.batch * c.clients)})
+        batches = sorted(set(plan.limit_batches + plan.levels + plan.gen_levels))
+        results["limit"] = limit.measure(model, batches, plan.prefill_length, shapes,
+                                         plan.limit_budget_s, plan.limit_repeats, threads)
+        for label, r in results["limit"].items():
+            log(f"  limit {label}: " + ", ".join(
+                f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())
+                + f", prefill {r['prefill']['ms']:.1f} ms")
+    for kind in kinds:
+        run_server_scenarios(kind, model, runner, plan, chosen, results, args.out, carousel_env)
+    if "step_http" in chosen and "floor" in kinds:
+        # What each layer of the stack costs: the floor again without FastAPI, and bare ASGI.
+        for kind in LOWER_FLOORS:
+            server = servers.start(kind, model, args.out / "logs", carousel_env)
+            try:
+                r = scenarios.steps(server, model, runner, plan, FLOOR_LEVEL, over_ws=False)
+            finally:
+                server.stop()
+            results["scenarios"]["step_http"].setdefault(str(FLOOR_LEVEL), {})[kind] = r
+            log(f"  step_http {FLOOR_LEVEL:4} {kind:8} {one_line(r)}")
+    if "memory" in chosen:
+        for kind in (k for k in kinds if k != "floor"):
+            server = servers.start(kind, model, args.out / "logs", carousel_env)
+            try:
+                m = scenarios.memory(server, model, runner, plan)
+            finally:
+                server.stop()
+            results["scenarios"].setdefault("memory", {})[kind] = m
+            log(f"  memory {kind}: {m.get('bytes_per_session', 0):,.0f} B/session "
+                f"(state {model.state_bytes} B), rss {m.get('rss_bytes')}")
+    if args.profile and "carousel" in kinds:
+        results["profile"] = run_profiles(model, runner, plan, args.out, carousel_env)
+    results["meta"]["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    paths = report.write(results, args.out)
+    print(paths["markdown"].read_text())
+    log(f"wrote {', '.join(str(p) for p in paths.values())} in {results['meta']['duration_s']} s")
+    checks = [m.get("correct") for m in results["scenarios"].get("memory", {}).values()]
+    checks += [r.get("correct") for kind, per_level in results["scenarios"].items()
+               if kind != "memory" for per_server in per_level.values()
+               for r in per_server.values()]
+    wrong = [c for c in checks if c and not c["ok"]]
+    # Benchmarks assert nothing about time, but a wrong answer is a failure.
+    return 1 if wrong else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

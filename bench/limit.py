@@ -1,0 +1,78 @@
+"""The in-process limit: onnxruntime alone on the model's graph, no HTTP, no scheduling.
+
+One decode step (one token per row, state fed back) at each batch size, a prefill of a
+long input at batch 1, and prefills at the predict scenarios' shapes. Measured twice:
+with onnxruntime's default threading and with the server's thread settings."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .graph import GraphRunner, ModelVersion
+
+
+def _time_steps(runner: GraphRunner, batch: int, budget_s: float, repeats: int) -> float:
+    """Median seconds per decode step, feeding each step's state into the next."""
+    feeds = runner.feeds_for_step(batch)
+    state_names = [(inp, out) for inp, out, *_ in runner.pairs]
+    outputs = runner.session.run(runner.output_names, feeds)  # warm-up: first run allocates
+    start = time.perf_counter()
+    runner.session.run(runner.output_names, feeds)
+    iters = max(5, int(budget_s / repeats / max(time.perf_counter() - start, 1e-6)))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            outputs = runner.session.run(runner.output_names, feeds)
+            for k, (inp, _) in enumerate(state_names):
+                feeds[inp] = outputs[k + 1]
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def _time_prefill(runner: GraphRunner, batch: int, length: int, repeats: int) -> float:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(32, 127, size=(batch, length), dtype=np.int64)
+    state = runner.zero_state(batch)
+    runner.run(tokens, state)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner.run(tokens, state)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure(model: ModelVersion, batches: list[int], prefill_length: int,
+            predict_shapes: list[tuple[int, int]], budget_s: float, repeats: int,
+            threads: dict[str, dict]) -> dict:
+    """threads maps a label to {"intra_op_threads", "inter_op_threads"} (None: ORT's own)."""
+    results: dict = {}
+    for label, setting in threads.items():
+        runner = GraphRunner(model, setting.get("intra_op_threads"),
+                             setting.get("inter_op_threads"))
+        decode = {}
+        for batch in batches:
+            step_s = _time_steps(runner, batch, budget_s, repeats)
+            decode[str(batch)] = {"us_per_step": step_s * 1e6, "tokens_per_s": batch / step_s}
+        prefill_s = _time_prefill(runner, 1, prefill_length, repeats)
+        prefill = {"length": prefill_length, "ms": prefill_s * 1e3,
+                   "tokens_per_s": prefill_length / prefill_s}
+        predict = {}
+        for batch, length in predict_shapes:
+            seconds = _time_prefill(runner, batch, length, repeats)
+            predict[f"{batch}x{length}"] = {"ms": seconds * 1e3, "sequences_per_s": batch / seconds}
+        results[label] = {"threads": setting, "decode": decode, "prefill": prefill,
+                          "predict": predict}
+    return results
+
+
+def best(limits: dict, kind: str, key: str, field: str) -> float | None:
+    """The best figure over thread settings: the limit is what onnxruntime can do at all."""
+    values = [r[kind][key][field] for r in limits.values() if key in r[kind]]
+    if not values:
+        return None
+    return min(values) if field in ("us_per_step", "ms") else max(values)

@@ -1,0 +1,55 @@
+"""`carousel serve`: every setting is a flag (help from the setting's description); a flag
+given overrides the CAROUSEL_* environment, which overrides the defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .settings import Settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Each flag can also be set as CAROUSEL_<NAME> in the environment."
+    for name, field in Settings.model_fields.items():
+        kind = field.annotation
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description} (default: {default}; env CAROUSEL_{name.upper()})"
+        if kind is bool:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+            continue
+        convert = {int: int, float: float, Path: Path}.get(kind, str)
+        parser.add_argument(_flag(name), dest=name, default=None, type=convert, help=help_text,
+                            metavar=name.upper())
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except ValidationError as e:
+        print(f"carousel serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
+                        else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(settings.model_repository).is_dir():
+        print(f"carousel serve: model repository {settings.model_repository} does not exist "
+              "(set --model-repository or CAROUSEL_MODEL_REPOSITORY)", file=sys.stderr)
+        return 2
+    from .app import create_app  # the heavy imports only once the flags are good
+    from .server import run_server
+
+    return run_server(create_app(settings), settings)

@@ -1,0 +1,78 @@
+"""One onnxruntime session per model version, and the call that runs a padded batch.
+
+`Engine.infer` is synchronous and called from the scheduler's worker thread, so the event
+loop never waits on onnxruntime. It knows tensors only by the manifest's names: tokens,
+lengths, logits and the listed state pairs. No model architecture is known here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import LENGTHS, LOGITS, TOKENS, Manifest, ManifestError
+from .state import StateLayout
+
+log = logging.getLogger("carousel.service")
+
+
+def session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    # One intra-op thread by default: on two cores the event loop needs the other one, and a
+    # decode step is too small to gain from splitting (measured; see bench/README.md).
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Threads that spin while idle would steal the core the event loop runs on.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class Engine:
+    """Runs batches of one model version; safe to call from one worker thread."""
+
+    def __init__(self, manifest: Manifest, *, intra_op_threads: int = 1,
+                 inter_op_threads: int = 1) -> None:
+        self.manifest = manifest
+        self.layout = StateLayout(manifest.states, manifest.vocab_size)
+        self.vocab_size = manifest.vocab_size
+        self._lengths_dtype = np.dtype(manifest.lengths_dtype)
+        try:
+            self.session = ort.InferenceSession(
+                str(manifest.graph_file),
+                sess_options=session_options(intra_op_threads, inter_op_threads),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as e:  # onnxruntime raises its own types for a broken graph
+            raise ManifestError(f"{manifest.graph_file}: onnxruntime cannot load it: {e}") from e
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        wanted_in = {TOKENS, LENGTHS, *(s.input for s in manifest.states)}
+        wanted_out = {LOGITS, *(s.output for s in manifest.states)}
+        if not wanted_in <= graph_inputs or not wanted_out <= graph_outputs:
+            raise ManifestError(
+                f"{manifest.graph_file}: graph tensors {sorted(graph_inputs | graph_outputs)} "
+                f"do not include the manifest's {sorted(wanted_in | wanted_out)}"
+            )
+        self._output_names = [LOGITS, *(s.output for s in manifest.states)]
+
+    def infer(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray]
+              ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run a padded batch. tokens (B, T) int64, lengths (B,) >= 1, state as the graph's
+        inputs. Returns the logits at each row's last real position (B, V) and the state
+        outputs by name."""
+        feeds = {TOKENS: tokens, LENGTHS: lengths.astype(self._lengths_dtype, copy=False), **state}
+        logits, *states = self.session.run(self._output_names, feeds)
+        rows = np.arange(tokens.shape[0])
+        last = logits[rows, lengths.astype(np.intp) - 1]
+        return last, dict(zip(self._output_names[1:], states, strict=True))
+
+    def warm_up(self) -> None:
+        """One small run, so the first client does not pay for onnxruntime's allocations."""
+        tokens = np.zeros((1, 1), dtype=np.int64)
+        self.infer(tokens, np.ones(1, dtype=np.int32), self.layout.stack([None]))

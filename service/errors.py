@@ -1,0 +1,141 @@
+"""The service's one error hierarchy, and the one place that turns an error into JSON.
+
+Every error a client can cause is a `ServiceError` with an HTTP status and a snake_case code;
+routes and the WebSocket both render it with `error_body`. The codes:
+
+| status | code               | when                                                           |
+|--------|--------------------|----------------------------------------------------------------|
+| 400    | invalid_json       | the body is not JSON (or not UTF-8)                            |
+| 404    | not_found          | no such path                                                   |
+| 405    | method_not_allowed | the path exists, the method does not                           |
+| 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
+| 413    | request_too_large  | body over `max_body_bytes`, or more inputs than allowed        |
+| 413    | too_many_tokens    | input over `max_tokens_per_request`                            |
+| 422    | invalid_input      | wrong shape or type, value out of range, unknown field         |
+| 422    | empty_input        | empty text / tokens, or generating from a session with no input|
+| 422    | token_out_of_range | a token outside the model's vocabulary                         |
+| 404    | unknown_model      | no model of that name                                          |
+| 404    | unknown_version    | the model exists, that version does not                        |
+| 404    | unknown_session    | no such session, or it expired                                 |
+| 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
+| 503    | queue_full         | the model's work queue is full (has Retry-After)               |
+| 503    | not_ready          | models are still loading or the store is unreachable           |
+| 503    | shutting_down      | the server is draining after SIGTERM                           |
+| 500    | inference_failed   | onnxruntime failed on a batch (never caused by input)          |
+| 500    | internal_error     | a bug; the message says no more                                |
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class ServiceError(Exception):
+    """An error with a status, a code and a message that says what to do."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **extra) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.extra = extra  # more fields for the error object, e.g. the real position
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class InvalidJson(ServiceError):
+    status, code = 400, "invalid_json"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid_input"
+
+
+class EmptyInput(InvalidInput):
+    code = "empty_input"
+
+
+class TokenOutOfRange(InvalidInput):
+    code = "token_out_of_range"
+
+
+class RequestTooLarge(ServiceError):
+    status, code = 413, "request_too_large"
+
+
+class TooManyTokens(RequestTooLarge):
+    code = "too_many_tokens"
+
+
+class UnknownModel(ServiceError):
+    status, code = 404, "unknown_model"
+
+
+class UnknownVersion(ServiceError):
+    status, code = 404, "unknown_version"
+
+
+class UnknownSession(ServiceError):
+    status, code = 404, "unknown_session"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"no session {session_id!r}: it never existed, was deleted or expired; "
+            "create a new one with POST /v1/sessions"
+        )
+
+
+class PositionMismatch(ServiceError):
+    status, code = 409, "position_mismatch"
+
+    def __init__(self, given: int, position: int) -> None:
+        super().__init__(
+            f"the step says position {given} but the session is at position {position}; "
+            f"resend from position {position}",
+            position=position,
+        )
+        self.position = position
+
+
+class Unavailable(ServiceError):
+    """503s: the client should come back later."""
+
+    status = 503
+
+
+class AtCapacity(Unavailable):
+    code = "at_capacity"
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class NotReady(Unavailable):
+    code = "not_ready"
+
+
+class ShuttingDown(Unavailable):
+    code = "shutting_down"
+
+
+class InferenceFailed(ServiceError):
+    status, code = 500, "inference_failed"
+
+
+def error_body(error: ServiceError) -> dict:
+    """The JSON every error response and error frame carries."""
+    return {"error": {"code": error.code, "message": error.message, **error.extra}}

@@ -1,0 +1,124 @@
+"""One running generation: its state row, sampler, stop rules and the events it emits.
+
+The scheduler owns the loop (continuous batching): every iteration it feeds each active
+generation's pending token, then calls `advance` with the new row and the token sampled for
+next time. A generation's consumer (the SSE or WebSocket stream, or a plain response) reads
+`events()` or waits on `done`. Every emitted token has already been consumed by the state,
+so wherever a generation stops, the session holds exactly the tokens its client saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sampling import SamplingParams
+from .text import Utf8Stream, decode
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token: int
+    text: str  # whole characters only; '' while a character is incomplete
+    position: int  # the session's position once this token is consumed
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvent:
+    finish_reason: str  # stop | length | cancelled | shutdown | error
+    position: int
+
+
+class Generation:
+    """Sampling state of one generation on one session (or a stateless caller)."""
+
+    def __init__(self, *, key: object, row: np.ndarray, position: int, params: SamplingParams,
+                 seed: int, max_tokens: int, stop: tuple[bytes, ...] = (),
+                 stream: bool = False, model: str = "") -> None:
+        self.key = key
+        self.model = model  # for metrics labels
+        self.row = row  # state after the tokens fed so far (with their logits)
+        self.start_position = position
+        self.params = params
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.max_tokens = max_tokens
+        self.stop = stop
+        self.tokens: list[int] = []  # fed and emitted
+        self.pending: int = -1  # sampled, to be fed next iteration
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._out = bytearray()
+        self._utf8 = Utf8Stream() if stream else None
+        self._events: list[TokenEvent | EndEvent] | None = [] if stream else None
+        self._waiter: asyncio.Future | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def position(self) -> int:
+        return self.start_position + len(self.tokens)
+
+    @property
+    def text(self) -> str:
+        return decode(self._out)
+
+    def draw(self) -> float:
+        """The uniform draw for the next sampled token."""
+        return self.rng.random()
+
+    def cancel(self) -> None:
+        """The consumer is gone: leave at the next iteration boundary."""
+        self.cancelled = True
+
+    def advance(self, row: np.ndarray, next_token: int) -> bool:
+        """The pending token was fed and `row` is the new state; `next_token` was sampled from
+        its logits. Returns True when the generation is finished."""
+        token = self.pending
+        self.row = row
+        self.tokens.append(token)
+        self._out.append(token)
+        reason = None
+        if any(self._out.endswith(s) for s in self.stop):
+            reason = "stop"
+        elif len(self.tokens) >= self.max_tokens:
+            reason = "length"
+        if self._utf8 is not None:
+            self._emit(TokenEvent(token, self._utf8.feed(token, reason is not None),
+                                  self.position))
+        if reason is None and self.cancelled:
+            reason = "cancelled"
+        if reason is not None:
+            self.finish(reason)
+            return True
+        self.pending = next_token
+        return False
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        self._emit(EndEvent(reason, self.position))
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _emit(self, event: TokenEvent | EndEvent) -> None:
+        if self._events is None:
+            return
+        self._events.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def events(self) -> AsyncIterator[list[TokenEvent | EndEvent]]:
+        """Batches of events as they come (everything ready at once), ending with EndEvent."""
+        assert self._events is not None, "a generation made with stream=False has no events"
+        while True:
+            if not self._events:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+                self._waiter = None
+            batch, self._events = self._events, []
+            yield batch
+            if isinstance(batch[-1], EndEvent):
+                return

@@ -1,0 +1,106 @@
+"""The running service without HTTP: registry, store, sessions, metrics, and the lifecycle
+(start, drain, stop). The FastAPI app (app.py) and the CLI's server (server.py) drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .errors import NotReady, ShuttingDown
+from .metrics import Metrics
+from .registry import Registry
+from .scheduler import make_scheduler
+from .sessions import SessionManager
+from .settings import Settings
+from .store import SessionStore, open_store
+
+log = logging.getLogger("carousel.service")
+
+
+class Service:
+    def __init__(self, settings: Settings, *, registry: Registry | None = None,
+                 store: SessionStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = registry  # loaded in start() unless given
+        self.store = store
+        self.sessions: SessionManager | None = None
+        self.ready = False
+        self.draining = False
+        self.inflight = 0  # HTTP requests and WebSocket messages being answered
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if self.registry is None:
+            # onnxruntime sessions take a moment to build: keep the loop free meanwhile.
+            self.registry = await asyncio.to_thread(
+                Registry.load, s.model_repository, intra_op_threads=s.intra_op_threads,
+                inter_op_threads=s.inter_op_threads)
+        if self.store is None:
+            self.store = open_store(s.store_url)
+
+        def scheduler_for(mv):
+            hooks = self.metrics.scheduler_hooks(mv.name, mv.version)
+            scheduler = make_scheduler(mv.engine, s, hooks, f"{mv.name}-{mv.version}")
+            self.metrics.register_model(mv.name, mv.version)
+            self.metrics.watch_scheduler(mv.name, mv.version, scheduler)
+            return scheduler
+
+        self.registry.start(scheduler_for)
+        self.sessions = SessionManager(
+            self.registry, self.store, session_ttl_s=s.session_ttl_s,
+            max_session_ttl_s=s.max_session_ttl_s, max_sessions=s.max_sessions,
+            sweep_interval_s=s.sweep_interval_s, hooks=self.metrics.session_hooks())
+        self._sweeper = asyncio.get_running_loop().create_task(self.sessions.run_sweeper())
+        self.ready = True
+        names = ", ".join(f"{mv.name}/{mv.version}" for mv in self.registry.versions())
+        log.info("carousel ready: %s", names)
+
+    def check_accepting(self) -> None:
+        """Raise unless new work may start."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance",
+                               retry_after=1)
+        if not self.ready:
+            raise NotReady("the server is starting: models are loading", retry_after=1)
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting_down"
+        if not self.ready:
+            return False, "not_ready"
+        try:
+            reachable = await asyncio.wait_for(self.store.ping(), timeout=2.0)
+        except Exception:
+            reachable = False
+        return (True, "ready") if reachable else (False, "store_unreachable")
+
+    @property
+    def busy(self) -> int:
+        return self.inflight + (self.sessions.busy if self.sessions else 0)
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work and wait (up to grace_s) for what is in flight to finish."""
+        if not self.draining:
+            log.info("draining: %d in flight, up to %.1fs", self.busy, grace_s)
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.busy:
+            log.warning("grace period over with %d still in flight; stopping them", self.busy)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.registry is not None:
+            await self.registry.close()  # ends generations, fails queued work
+        if self.sessions is not None:
+            await self.sessions.wait_idle(timeout=5)
+        if self.store is not None:
+            await self.store.close()

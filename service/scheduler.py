@@ -1,0 +1,370 @@
+"""The batching loop: one per model version, batching work across sessions.
+
+Read `_loop` top to bottom: wait for work; if only queued work is waiting (no generation is
+running), give the batch up to `max_batch_delay` to fill; take every active generation (one
+token each: continuous batching) plus queued work up to `max_batch_size`; run one inference
+call in the worker thread; hand each row its result; repeat.
+
+Rules the batch respects:
+- never two rows of one session (`key`) in a batch; a session's work keeps its order;
+- rows of different lengths share a padded batch with their lengths, but only while padding
+  at most doubles the work; an input longer than `prefill_chunk` runs in chunks over several
+  iterations (carrying its state), so decode steps of other sessions never wait for a long
+  prefill;
+- the queue is bounded: `submit` raises QueueFull (503 + Retry-After) when it is full.
+
+Nothing here knows HTTP: results go back through futures and generation events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InferenceFailed, QueueFull, ShuttingDown
+from .generation import Generation
+from .sampling import log_softmax, sample, top_k
+
+log = logging.getLogger("carousel.service")
+
+RECENT_HORIZON_S = 0.1  # sources seen this recently are expected to send more work soon
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """Input to consume from a state: a session step or one stateless prediction."""
+
+    key: object | None  # the session; None for stateless work
+    tokens: np.ndarray  # (T,) int64, T >= 1
+    row: np.ndarray | None  # the session's row; None starts from zero state
+    top_k: int  # how many likeliest next tokens the answer lists
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    consumed: int = 0  # tokens already run (long inputs run in chunks)
+
+
+@dataclass(slots=True)
+class WorkResult:
+    row: np.ndarray  # the new row: state after the input, then the last position's logits
+    top_tokens: np.ndarray  # (k,) likeliest next tokens
+    top_logprobs: np.ndarray  # (k,)
+
+
+@dataclass(slots=True)
+class BatchOutput:
+    rows: list[np.ndarray]
+    top_tokens: np.ndarray  # (W, kmax) for the work rows
+    top_logprobs: np.ndarray
+    sampled: np.ndarray  # (G,) next tokens for the generation rows
+    seconds: float  # time inside onnxruntime
+
+
+class SchedulerHooks:
+    """What the scheduler reports (metrics); the default does nothing."""
+
+    def batch(self, size: int, tokens: int, seconds: float) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def generated(self, tokens: int) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, engine, *, max_batch_size: int = 64, max_batch_delay_s: float = 0.002,
+                 max_queue: int = 1024, prefill_chunk: int = 256,
+                 hooks: SchedulerHooks | None = None, name: str = "model") -> None:
+        self.engine = engine
+        self.layout = engine.layout
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.hooks = hooks or SchedulerHooks()
+        self.name = name
+        self._queue: deque[Work] = deque()
+        self._active: list[Generation] = []
+        self._recent: dict[object, float] = {}  # key -> last time it submitted work
+        self._recent_pruned = 0.0
+        self._wake: asyncio.Future | None = None  # set while the loop sleeps with nothing to do
+        self._fill: asyncio.Future | None = None  # set while the loop waits for a batch to fill
+        self._fill_target = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._gens_yielded = False  # the last iteration left the generations out
+        self.batches = 0  # iterations run, for tests and /metrics
+
+    # ---------------------------------------------------------------- what callers use
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"sched-{self.name}")
+
+    def submit(self, work: Work) -> None:
+        """Queue work; its future gets a WorkResult (or the error of a failed batch)."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{self.name}: {self.max_queue} requests already queued; retry soon",
+                            retry_after=1)
+        self._queue.append(work)
+        if work.key is not None:
+            self._recent[work.key] = work.enqueued_at
+        self._poke()
+
+    async def run(self, key: object | None, tokens: np.ndarray, row: np.ndarray | None,
+                  k: int) -> WorkResult:
+        """Submit work and wait for its result."""
+        future = asyncio.get_running_loop().create_future()
+        self.submit(Work(key, tokens, row, k, future))
+        return await future
+
+    def start_generation(self, gen: Generation) -> None:
+        """Join the running generations; the first token is sampled from the row's logits."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        if len(self._active) >= self.max_queue:
+            raise QueueFull(f"{self.name}: {self.max_queue} generations running; retry soon",
+                            retry_after=1)
+        logits = self.layout.logits(gen.row)[None]
+        gen.pending = int(sample(logits, [gen.params], np.array([gen.draw()]))[0])
+        self._active.append(gen)
+        self._poke()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def generating(self) -> int:
+        return len(self._active)
+
+    async def close(self) -> None:
+        """Stop: queued work fails with ShuttingDown, generations end with 'shutdown'."""
+        self._closed = True
+        for waiting in (self._wake, self._fill):
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+        if self._task is not None:
+            # The batch in flight finishes (its rows get their answers); then the loop ends.
+            done, _ = await asyncio.wait([self._task], timeout=10.0)
+            if not done:
+                self._task.cancel()
+        while self._queue:
+            w = self._queue.popleft()
+            if not w.future.done():
+                w.future.set_exception(ShuttingDown("the server shut down before this ran"))
+        for gen in self._active:
+            gen.finish("shutdown")
+        self._active.clear()
+        self._executor.shutdown(wait=False)
+
+    # ---------------------------------------------------------------- the loop
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self._queue and not self._active:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+                continue
+            if not self._active:
+                await self._wait_for_batch(loop)
+                if self._closed:
+                    break
+            gens = self._take_generations()
+            works, chunks, head_left = self._take_work(gens)
+            if head_left and gens and not self._gens_yielded:
+                # The oldest work is too long to share a batch with the generations' single
+                # tokens: it runs without them this once (they go on next iteration).
+                self._queue.extendleft(reversed(works))
+                gens = []
+                works, chunks, _ = self._take_work(gens)
+            self._gens_yielded = head_left and not gens
+            if gens or works:
+                await self._run_batch(loop, gens, works, chunks)
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        if (self._fill is not None and not self._fill.done()
+                and len(self._queue) >= self._fill_target):
+            self._fill.set_result(None)
+
+    def _expected_sources(self, now: float) -> int:
+        """How many sessions are likely to send work soon: those seen in the last moments.
+        A lone client thus never waits for a batch that cannot fill."""
+        if now - self._recent_pruned > RECENT_HORIZON_S:
+            cutoff = now - RECENT_HORIZON_S
+            self._recent = {k: t for k, t in self._recent.items() if t >= cutoff}
+            self._recent_pruned = now
+        return len(self._recent)
+
+    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = time.perf_counter()
+        target = min(self.max_batch_size, max(1, self._expected_sources(now)))
+        deadline = self._queue[0].enqueued_at + self.max_batch_delay_s
+        if len(self._queue) >= target or now >= deadline:
+            return
+        self._fill_target = target
+        self._fill = loop.create_future()
+        timer = loop.call_at(loop.time() + (deadline - now), _resolve, self._fill)
+        try:
+            await self._fill
+        finally:
+            timer.cancel()
+            self._fill = None
+
+    def _take_generations(self) -> list[Generation]:
+        for gen in [g for g in self._active if g.cancelled]:
+            # Left between iterations: the pending token was never fed, so it is dropped.
+            gen.finish("cancelled")
+        self._active = [g for g in self._active if g.finish_reason is None]
+        room = self.max_batch_size
+        if self._queue:  # keep room for queued work so steps never starve behind generations
+            room -= min(len(self._queue), self.max_batch_size // 2)
+        gens = self._active[:room]
+        if len(self._active) > room:  # round-robin when there are more than fit
+            self._active = self._active[room:] + gens
+        return gens
+
+    def _take_work(self, gens: list[Generation]
+                   ) -> tuple[list[Work], list[np.ndarray], bool]:
+        """Queued work for this batch, oldest first, within the size and padding budget;
+        also whether the oldest work had to stay queued."""
+        works: list[Work] = []
+        chunks: list[np.ndarray] = []
+        taken_keys = {g.key for g in gens}
+        blocked: set = set()  # a key whose older work stays queued keeps its later work too
+        real = len(gens)  # real tokens in the batch (one per generation)
+        longest = 1 if gens else 0
+        rows = len(gens)
+        left: deque[Work] = deque()
+        head_left = False
+        while self._queue:
+            w = self._queue.popleft()
+            if w.future.done():  # its caller gave up: skip without running it
+                continue
+            chunk = w.tokens[w.consumed: w.consumed + self.prefill_chunk]
+            n = len(chunk)
+            fits = (
+                rows < self.max_batch_size
+                and (w.key is None or (w.key not in taken_keys and w.key not in blocked))
+                # padding may at most double the computed tokens (small batches always fit)
+                and (rows + 1) * max(longest, n) <= max(2 * (real + n), 16)
+            )
+            if not fits:
+                head_left = head_left or (not works and not left)
+                left.append(w)
+                if w.key is not None:
+                    blocked.add(w.key)
+                if rows >= self.max_batch_size:
+                    break
+                continue
+            works.append(w)
+            chunks.append(chunk)
+            if w.key is not None:
+                taken_keys.add(w.key)
+            rows += 1
+            real += n
+            longest = max(longest, n)
+        left.extend(self._queue)
+        self._queue = left
+        return works, chunks, head_left
+
+    async def _run_batch(self, loop, gens: list[Generation], works: list[Work],
+                         chunks: list[np.ndarray]) -> None:
+        started = time.perf_counter()
+        for w in works:
+            if w.consumed == 0:
+                self.hooks.queue_wait(started - w.enqueued_at)
+        uniforms = np.array([g.draw() for g in gens])
+        inputs = [np.array([g.pending], dtype=np.int64) for g in gens] + chunks
+        rows = [g.row for g in gens] + [w.row for w in works]
+        kmax = max((w.top_k for w in works), default=0)
+        params = [g.params for g in gens]
+        try:
+            out: BatchOutput = await loop.run_in_executor(
+                self._executor, self._compute, inputs, rows, kmax, params, uniforms)
+        except Exception as e:  # onnxruntime failed: every row of the batch fails with it
+            log.exception("%s: inference failed on a batch of %d", self.name, len(rows))
+            err = InferenceFailed(f"inference failed: {e}")
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            for g in gens:
+                g.finish("error")
+            return
+        self.batches += 1
+        self.hooks.batch(len(rows), sum(len(x) for x in inputs), out.seconds)
+        try:
+            self._hand_back(gens, works, chunks, out)
+        except Exception:  # a bug here must not stop the loop that every request waits on
+            log.exception("%s: handing back a batch failed", self.name)
+            for w in works:
+                if not w.future.done():
+                    w.future.set_exception(InferenceFailed("internal error handing back"))
+            for g in gens:
+                g.finish("error")
+
+    def _compute(self, inputs: list[np.ndarray], rows: list, kmax: int,
+                 params: list, uniforms: np.ndarray) -> BatchOutput:
+        """The worker thread's part: pad, run, split, and the per-row arithmetic."""
+        lengths = np.fromiter((len(x) for x in inputs), dtype=np.int32, count=len(inputs))
+        tokens = np.zeros((len(inputs), int(lengths.max())), dtype=np.int64)
+        for i, x in enumerate(inputs):
+            tokens[i, : len(x)] = x
+        state = self.layout.stack(rows)
+        t0 = time.perf_counter()
+        last, outputs = self.engine.infer(tokens, lengths, state)
+        seconds = time.perf_counter() - t0
+        new_rows = self.layout.unstack(outputs, last)
+        g = len(params)
+        sampled = sample(last[:g], params, uniforms) if g else np.empty(0, dtype=np.int64)
+        top_tokens, top_lps = top_k(log_softmax(last[g:]), kmax)
+        return BatchOutput(new_rows, top_tokens, top_lps, sampled, seconds)
+
+    def _hand_back(self, gens: list[Generation], works: list[Work], chunks: list[np.ndarray],
+                   out: BatchOutput) -> None:
+        g = len(gens)
+        finished = 0
+        for i, gen in enumerate(gens):
+            finished += gen.advance(out.rows[i], int(out.sampled[i]))
+        if g:
+            self.hooks.generated(g)
+            if finished:
+                self._active = [x for x in self._active if x.finish_reason is None]
+        unfinished: list[Work] = []
+        for j, (w, chunk) in enumerate(zip(works, chunks, strict=True)):
+            row = out.rows[g + j]
+            w.consumed += len(chunk)
+            if w.consumed < len(w.tokens):  # a long input: its next chunk goes first next time
+                w.row = row
+                unfinished.append(w)
+            elif not w.future.done():
+                k = w.top_k
+                w.future.set_result(WorkResult(row, out.top_tokens[j, :k], out.top_logprobs[j, :k]))
+        self._queue.extendleft(reversed(unfinished))
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def make_scheduler(engine, settings, hooks: SchedulerHooks | None, name: str,
+                   factory: Callable[..., Scheduler] = Scheduler) -> Scheduler:
+    return factory(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
+        max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk_tokens,
+        hooks=hooks,
+        name=name,
+    )

@@ -1,0 +1,93 @@
+"""The service's settings: one class, read from `CAROUSEL_*` environment variables or passed in.
+
+Nothing reads the environment at import time: `Settings()` reads it when called (the CLI
+does that once), and tests build `Settings(model_repository=..., ...)` directly. Each field's
+description is the help text of its `carousel serve` flag.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from carousel.paths import bundled_model_repository
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAROUSEL_", extra="forbid")
+
+    model_repository: Path = Field(
+        default_factory=bundled_model_repository,
+        description="model repository: <repo>/<name>/<version>/{model.onnx,manifest.json}",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most rows in one inference call")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0.0, le=1000.0,
+        description="longest wait for a batch to fill once work is queued (ms)",
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="queued items per model version before answering 503 queue_full"
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, le=256, description="onnxruntime threads inside one operator (0: runtime default)"
+    )
+    inter_op_threads: int = Field(
+        1, ge=0, le=256, description="onnxruntime threads across operators (0: runtime default)"
+    )
+    session_ttl_s: float = Field(
+        3600.0, gt=0, description="a session expires after this long unused (seconds)"
+    )
+    max_session_ttl_s: float = Field(
+        86400.0, gt=0, description="largest ttl_s a client may ask for (seconds)"
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="live sessions before answering 503 at_capacity"
+    )
+    sweep_interval_s: float = Field(
+        10.0, gt=0, description="how often expired sessions are swept from memory (seconds)"
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="largest request body or WebSocket frame (bytes)"
+    )
+    max_tokens_per_request: int = Field(
+        8192, ge=1, description="most input tokens in one request (all predict inputs together)"
+    )
+    max_generate_tokens: int = Field(
+        4096, ge=1, description="largest max_tokens of one generation"
+    )
+    max_predict_inputs: int = Field(256, ge=1, description="most inputs in one predict batch")
+    prefill_chunk_tokens: int = Field(
+        256, ge=1,
+        description="long inputs run in chunks of this many tokens, so decode steps of other "
+        "sessions are not stuck behind them",
+    )
+    gil_switch_interval_ms: float = Field(
+        0.5, gt=0, le=100,
+        description="how long the event loop may hold the GIL while the inference thread "
+        "waits for it (ms; Python's default of 5 stalls every batch under load)",
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish (s)"
+    )
+    store_url: str = Field("memory://", description="session store (memory:// in this release)")
+    log_level: str = Field("info", description="log level: debug, info, warning, error")
+    access_log: bool = Field(False, description="log every request (costs throughput)")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
+            raise ValueError("log_level must be one of debug, info, warning, error, critical")
+        return value
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not value.startswith("memory://"):
+            raise ValueError("store_url: only memory:// is supported in this release")
+        return value

@@ -1,0 +1,71 @@
+"""A session's state as one compact float32 row, and how rows join and leave a batch.
+
+Each session keeps one contiguous float32 array ("row"): every state tensor the manifest
+lists (batch axis removed), then the logits after the last consumed token. The logits are
+kept because the next generated token is sampled from them and a retried step is answered
+from them; storing them costs one vocabulary of floats, far less than re-running the model.
+
+`stack` builds the graph's state inputs from the rows of a batch (sessions join a batch);
+`unstack` turns the graph's outputs back into one fresh row per session (they leave it).
+Rows are always copies, so a session never pins a whole batch's arrays in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .manifest import StateSpec
+
+
+class StateLayout:
+    def __init__(self, states: Sequence[StateSpec], vocab_size: int) -> None:
+        self.states = tuple(states)
+        self.vocab_size = vocab_size
+        offsets, at = [], 0
+        for s in self.states:
+            offsets.append((at, at + s.size))
+            at += s.size
+        self.offsets = tuple(offsets)
+        self.state_size = at  # floats of state proper
+        self.size = at + vocab_size  # floats in a row
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 * self.state_size
+
+    def initial_row(self) -> np.ndarray:
+        """A fresh session: zero state, no logits yet (zeros)."""
+        return np.zeros(self.size, dtype=np.float32)
+
+    def logits(self, row: np.ndarray) -> np.ndarray:
+        return row[self.state_size:]
+
+    def stack(self, rows: Sequence[np.ndarray | None]) -> dict[str, np.ndarray]:
+        """Graph state inputs for a batch; a None row is a stateless item (zero state)."""
+        batch = np.zeros((len(rows), self.state_size), dtype=np.float32)
+        for i, row in enumerate(rows):
+            if row is not None:
+                batch[i] = row[: self.state_size]
+        feeds = {}
+        for spec, (lo, hi) in zip(self.states, self.offsets, strict=True):
+            part = batch[:, lo:hi].reshape((len(rows), *spec.shape))
+            feeds[spec.input] = np.ascontiguousarray(np.moveaxis(part, 0, spec.batch_axis))
+        return feeds
+
+    def unstack(self, outputs: dict[str, np.ndarray], last_logits: np.ndarray) -> list[np.ndarray]:
+        """One new row per batch row from the graph's state outputs and last-step logits."""
+        n = last_logits.shape[0]
+        batch = np.empty((n, self.size), dtype=np.float32)
+        for spec, (lo, hi) in zip(self.states, self.offsets, strict=True):
+            batch[:, lo:hi] = np.moveaxis(outputs[spec.output], spec.batch_axis, 0).reshape(n, -1)
+        batch[:, self.state_size:] = last_logits
+        return [batch[i].copy() for i in range(n)]
+
+    def tensors(self, row: np.ndarray) -> dict[str, np.ndarray]:
+        """A row's state tensors with their batch axis (size 1), for inspection and tests."""
+        out = {}
+        for spec, (lo, hi) in zip(self.states, self.offsets, strict=True):
+            out[spec.input] = np.expand_dims(row[lo:hi].reshape(spec.shape), spec.batch_axis)
+        return out

@@ -1,0 +1,123 @@
+"""WebSocket `/v1/sessions/{id}/ws`: steps and generations on one session over one socket.
+
+Each text frame is a step (`{"text"|"tokens", "position"?, "top_k"?, "return_logits"?}`,
+answered by one frame shaped like /step's body) or `{"generate": {...}}` (token frames
+`{"event": "token", ...}`, then `{"event": "end", ...}`; with "stream": false one frame
+shaped like /generate's body). Frames are handled in order. A bad frame is answered with an
+`{"error": ...}` frame and the socket stays open; an unknown session closes it (4404).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import WebSocket
+from pydantic import BaseModel, ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from . import views
+from .api import generation_args
+from .errors import (
+    InvalidInput,
+    InvalidJson,
+    RequestTooLarge,
+    ServiceError,
+    UnknownSession,
+    error_body,
+)
+from .generation import TokenEvent
+from .runtime import Service
+from .schemas import StepRequest, WsGenerateFrame, _error, to_tokens
+
+ROUTE = "/v1/sessions/{session_id}/ws"
+CLOSE_UNKNOWN_SESSION = 4404
+CLOSE_SHUTTING_DOWN = 1012  # "service restart"
+
+
+def _text(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _validate(model: type[BaseModel], obj):
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise _error(e) from None
+
+
+async def session_socket(websocket: WebSocket) -> None:
+    session_id = websocket.path_params["session_id"]
+    svc: Service = websocket.app.state.service
+    await websocket.accept()
+    try:
+        svc.check_accepting()
+        record = await svc.sessions.get(session_id)
+    except ServiceError as e:
+        await websocket.send_text(_text(error_body(e)))
+        code = CLOSE_UNKNOWN_SESSION if isinstance(e, UnknownSession) else CLOSE_SHUTTING_DOWN
+        await websocket.close(code=code, reason=e.code)
+        return
+    model = record.model
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        started = time.perf_counter()
+        status = 200
+        svc.inflight += 1
+        try:
+            await _frame(svc, websocket, session_id, message.get("text") or message.get("bytes"))
+        except ServiceError as e:
+            status = e.status
+            await websocket.send_text(_text(error_body(e)))
+        except (WebSocketDisconnect, OSError):  # the client went away mid-answer
+            return
+        finally:
+            svc.inflight -= 1
+            svc.metrics.observe_request(model, ROUTE, "WS", status,
+                                        time.perf_counter() - started)
+
+
+async def _frame(svc: Service, websocket: WebSocket, session_id: str, raw) -> None:
+    svc.check_accepting()
+    s = svc.settings
+    if not raw:
+        raise InvalidJson("empty frame: send a JSON object")
+    if len(raw) > s.max_body_bytes:
+        raise RequestTooLarge(f"the frame is over the limit of {s.max_body_bytes} bytes")
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise InvalidJson(f"the frame is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(obj, dict):
+        raise InvalidInput("the frame must be a JSON object")
+    if "generate" in obj:
+        await _generate(svc, websocket, session_id, _validate(WsGenerateFrame, obj))
+        return
+    req: StepRequest = _validate(StepRequest, obj)
+    tokens = to_tokens(req.text, req.tokens, required=True, limit=s.max_tokens_per_request)
+    _, answer = await svc.sessions.step(session_id, tokens, req.position, req.top_k)
+    await websocket.send_text(_text(views.step_body(session_id, answer, req.return_logits)))
+
+
+async def _generate(svc: Service, websocket: WebSocket, session_id: str,
+                    frame: WsGenerateFrame) -> None:
+    args = generation_args(frame.generate, svc.settings.max_generate_tokens)
+    # Over a socket streaming is the default; "stream": false asks for one frame at the end.
+    explicit = "stream" in frame.generate.model_fields_set
+    stream = args["stream"] = frame.generate.stream or not explicit
+    gen = await svc.sessions.start_generation(session_id, **args)
+    try:
+        if not stream:
+            await gen.done
+            await websocket.send_text(_text(views.generation_body(session_id, gen, args["seed"])))
+            return
+        async for events in gen.events():
+            for e in events:
+                if isinstance(e, TokenEvent):
+                    await websocket.send_text(_text(views.token_event(e)))
+                else:
+                    await websocket.send_text(_text(views.end_event(e, args["seed"])))
+    finally:
+        gen.cancel()  # the socket went away mid-stream: stop at the next iteration

@@ -1,0 +1,328 @@
+"""The batching loop with a fake engine: batches form across sessions, never mix state, keep
+one session's work apart and in order, pad mixed lengths, chunk long inputs, bound the
+queue, fail a whole batch together, and run generations continuously."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from carousel.service.errors import InferenceFailed, QueueFull, ShuttingDown
+from carousel.service.generation import Generation
+from carousel.service.sampling import SamplingParams
+from carousel.service.scheduler import Scheduler, Work
+from core_fakes import FakeEngine, greedy, reference_row
+
+GREEDY = SamplingParams(temperature=0.0)
+# State goes through float32 between calls, the reference stays in float64: 1e-4 is the
+# issue's bound between two computations of the same logits.
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def tokens(*values) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+async def started(engine, **kw) -> Scheduler:
+    kw.setdefault("max_batch_delay_s", 0.05)
+    s = Scheduler(engine, **kw)
+    s.start()
+    return s
+
+
+def submit(s: Scheduler, key, toks, row=None, k=3) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    s.submit(Work(key, toks, row, k, fut))
+    return fut
+
+
+def test_batch_forms_across_sessions_and_each_row_gets_its_own_answer():
+    engine = FakeEngine()
+    inputs = {f"s{i}": tokens(*range(i + 1, i + 2 + i % 3)) for i in range(8)}  # lengths 1..3
+
+    async def main():
+        s = await started(engine)
+        futs = {key: submit(s, key, x) for key, x in inputs.items()}
+        results = {key: await f for key, f in futs.items()}
+        await s.close()
+        return results
+
+    results = run(main())
+    assert engine.calls == [[len(x) for x in inputs.values()]], "one padded call of 8 rows"
+    for key, x in inputs.items():
+        want = reference_row(x.tolist())
+        np.testing.assert_allclose(results[key].row, want, rtol=0, atol=1e-4)
+        expected_top = np.argsort(-want[-256:], kind="stable")[:3]
+        assert results[key].top_tokens.tolist() == expected_top.tolist()
+
+
+def test_two_items_of_one_session_never_share_a_batch_and_keep_their_order():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine)
+        f1 = submit(s, "same", tokens(1, 2))
+        f2 = submit(s, "same", tokens(3))
+        f3 = submit(s, "other", tokens(4))
+        r = [await f for f in (f1, f2, f3)]
+        await s.close()
+        return r
+
+    run(main())
+    assert engine.calls == [[2, 1], [1]], "first 'same' with 'other', then the second 'same'"
+
+
+def test_stateful_rows_continue_from_the_row_given():
+    engine = FakeEngine()
+    start = reference_row([5, 6, 7])
+
+    async def main():
+        s = await started(engine)
+        r = await submit(s, "a", tokens(8, 9), row=start)
+        await s.close()
+        return r
+
+    r = run(main())
+    np.testing.assert_allclose(r.row, reference_row([5, 6, 7, 8, 9]), rtol=0, atol=1e-4)
+
+
+def test_long_input_runs_in_chunks_and_equals_one_pass():
+    engine = FakeEngine()
+    long_input = tokens(*range(1, 11))
+
+    async def main():
+        s = await started(engine, prefill_chunk=4)
+        r = await submit(s, "long", long_input)
+        await s.close()
+        return r
+
+    r = run(main())
+    assert engine.calls == [[4], [4], [2]]
+    np.testing.assert_allclose(r.row, reference_row(list(range(1, 11))), rtol=0, atol=1e-4)
+
+
+def test_padding_never_more_than_doubles_the_work():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine, prefill_chunk=64)
+        futs = [submit(s, "long", tokens(*range(1, 41)))]
+        futs += [submit(s, f"d{i}", tokens(i + 1)) for i in range(6)]
+        for f in futs:
+            await f
+        await s.close()
+
+    run(main())
+    for call in engine.calls:
+        assert len(call) * max(call) <= max(2 * sum(call), 16), call
+    assert sorted(n for call in engine.calls for n in call) == [1] * 6 + [40]
+
+
+def test_full_queue_answers_queue_full_with_retry_after():
+    engine = FakeEngine()
+    engine.gate = threading.Event()  # hold the first batch inside the engine
+
+    async def main():
+        s = await started(engine, max_queue=2, max_batch_delay_s=0.0)
+        first = submit(s, "a", tokens(1))
+        while not engine.calls:  # the first batch is running; the queue is empty again
+            await asyncio.sleep(0.001)
+        submit(s, "b", tokens(2))
+        submit(s, "c", tokens(3))
+        with pytest.raises(QueueFull) as err:
+            submit(s, "d", tokens(4))
+        engine.gate.set()
+        await first
+        await s.close()
+        return err.value
+
+    err = run(main())
+    assert err.status == 503 and err.headers() == {"Retry-After": "1"}
+
+
+def test_a_failed_call_fails_every_row_of_its_batch():
+    engine = FakeEngine(fail=True)
+
+    async def main():
+        s = await started(engine)
+        futs = [submit(s, f"s{i}", tokens(i + 1)) for i in range(3)]
+        errors = []
+        for f in futs:
+            with pytest.raises(InferenceFailed) as e:
+                await f
+            errors.append(e.value)
+        await s.close()
+        return errors
+
+    errors = run(main())
+    assert len(engine.calls) == 1 and len(errors) == 3
+
+
+def test_work_whose_caller_gave_up_is_not_run():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine)
+        gone = submit(s, "gone", tokens(1))
+        gone.cancel()
+        kept = submit(s, "kept", tokens(2, 3))
+        await kept
+        await s.close()
+
+    run(main())
+    assert engine.calls == [[2]]
+
+
+def test_close_fails_queued_work_with_shutting_down():
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+
+    async def main():
+        s = await started(engine, max_batch_delay_s=0.0)
+        running = submit(s, "a", tokens(1))
+        while not engine.calls:
+            await asyncio.sleep(0.001)
+        queued = submit(s, "b", tokens(2))
+        closing = asyncio.ensure_future(s.close())
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await closing
+        with pytest.raises(ShuttingDown):
+            await queued
+        with pytest.raises(ShuttingDown):
+            s.submit(Work("c", tokens(3), None, 1, asyncio.get_running_loop().create_future()))
+        running.cancel()
+
+    run(main())
+
+
+def make_gen(prompt, max_tokens, key, **kw) -> Generation:
+    return Generation(key=key, row=reference_row(prompt), position=len(prompt),
+                      params=kw.pop("params", GREEDY), seed=kw.pop("seed", 0),
+                      max_tokens=max_tokens, **kw)
+
+
+def test_generations_batch_continuously_and_each_decodes_as_alone():
+    engine = FakeEngine()
+    prompts = {"g1": [10, 20], "g2": [30], "g3": [40, 50, 60]}
+    lengths = {"g1": 3, "g2": 6, "g3": 4}
+
+    async def main():
+        s = await started(engine)
+        gens = {k: make_gen(p, lengths[k], k) for k, p in prompts.items()}
+        for g in gens.values():
+            s.start_generation(g)
+        await asyncio.gather(*(g.done for g in gens.values()))
+        await s.close()
+        return gens
+
+    gens = run(main())
+    for key, g in gens.items():
+        assert g.tokens == greedy(prompts[key], lengths[key]), key
+        assert g.finish_reason == "length" and g.position == len(prompts[key]) + lengths[key]
+        np.testing.assert_allclose(g.row, reference_row(prompts[key] + g.tokens),
+                                   rtol=0, atol=1e-4)
+    # Continuous batching: three rows while all run, then they leave as they finish.
+    assert [len(c) for c in engine.calls] == [3, 3, 3, 2, 1, 1]
+
+
+def test_a_step_joins_running_generations_in_one_batch():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine)
+        g = make_gen([1, 2], 5, "g")
+        s.start_generation(g)
+        await asyncio.sleep(0)  # let the loop start iterating
+        r = await submit(s, "stepper", tokens(7))
+        await g.done
+        await s.close()
+        return r
+
+    r = run(main())
+    np.testing.assert_allclose(r.row, reference_row([7]), rtol=0, atol=1e-4)
+    assert any(len(c) == 2 for c in engine.calls), engine.calls
+
+
+def test_cancelled_generation_keeps_exactly_the_tokens_it_emitted():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine)
+        g = make_gen([3, 4], 1000, "g", stream=True, params=SamplingParams(1.0), seed=7)
+        s.start_generation(g)
+        seen = []
+        async for events in g.events():
+            seen += [e.token for e in events if hasattr(e, "token")]
+            if len(seen) >= 5:
+                g.cancel()
+        await s.close()
+        return g, seen
+
+    g, seen = run(main())
+    assert g.finish_reason == "cancelled"
+    assert g.tokens == seen and 5 <= len(seen) < 1000
+    np.testing.assert_allclose(g.row, reference_row([3, 4] + seen), rtol=0, atol=1e-4)
+
+
+def test_stop_string_ends_generation_after_it():
+    engine = FakeEngine()
+    expected = greedy([9], 50)
+
+    async def main():
+        s = await started(engine)
+        stop = bytes(expected[3:5])  # a stop string that greedy decoding will produce
+        g = make_gen([9], 50, "g", stop=(stop,))
+        s.start_generation(g)
+        await g.done
+        await s.close()
+        return g, stop
+
+    g, stop = run(main())
+    assert g.finish_reason == "stop"
+    first = bytes(expected).find(stop)
+    assert g.tokens == expected[: first + len(stop)]
+
+
+def test_close_ends_running_generations_with_shutdown():
+    engine = FakeEngine(delay_s=0.001)
+
+    async def main():
+        s = await started(engine)
+        g = make_gen([1], 10_000, "g")
+        s.start_generation(g)
+        while len(g.tokens) < 2:
+            await asyncio.sleep(0.001)
+        await s.close()
+        return g
+
+    g = run(main())
+    assert g.finish_reason == "shutdown" and 2 <= len(g.tokens) < 10_000
+
+
+def test_a_long_input_is_not_starved_by_generations_nor_mixed_with_them():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine, prefill_chunk=8)
+        gens = [make_gen([i + 1], 40, f"g{i}") for i in range(3)]
+        for g in gens:
+            s.start_generation(g)
+        await asyncio.sleep(0)
+        long = await submit(s, "long", tokens(*range(1, 31)))  # 30 tokens: 4 chunks
+        await asyncio.gather(*(g.done for g in gens))
+        await s.close()
+        return long, gens
+
+    long, gens = run(main())
+    np.testing.assert_allclose(long.row, reference_row(list(range(1, 31))), rtol=0, atol=1e-4)
+    for i, g in enumerate(gens):
+        assert g.tokens == greedy([i + 1], 40)
+    chunk_calls = [c for c in engine.calls if max(c) > 1]
+    assert [max(c) for c in chunk_calls] == [8, 8, 8, 6]
+    assert all(len(c) == 1 for c in chunk_calls), "a chunk never pads three generations"
