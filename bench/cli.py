@@ -92,7 +92,9 @@ def one_line(result: dict) -> str:
     return (f"{rate:,.0f}/s  p50 {lat.get('p50', 0):.2f} ms  p99 {lat.get('p99', 0):.2f} ms  "
             f"errors {result.get('errors')}  correct {verdict}"
             + (f"  batch {batch:.1f}" if batch else "")
-            + f"  load CPU {result.get('client_cpu_pct') or 0:.0f}%")
+            + f"  load CPU {result.get('client_cpu_pct') or 0:.0f}%"
+            + "".join(f"  {name} {pct:.0f}%" for name, pct in
+                      (result.get("server_threads_cpu_pct") or {}).items()))
 
 
 def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env) -> None:
@@ -125,6 +127,7 @@ def run_profiles(model, runner, plan, out, carousel_env) -> dict:
     one = plans.Plan(**{**plan.to_dict(), "reps": 1, "predict": []})
     one.step_requests = max(plan.step_requests, 20_000)  # a few seconds: ~1000 samples
     one.max_steps = max(one.max_steps, 400)
+    one.gen_tokens = max(one.gen_tokens, 1024)
     loads = {"step_http": lambda server: scenarios.steps(server, model, runner, one, 64, False),
              "step_ws": lambda server: scenarios.steps(server, model, runner, one, 64, True),
              "generate": lambda server: scenarios.generate(server, model, runner, one, 64)}
@@ -133,12 +136,14 @@ def run_profiles(model, runner, plan, out, carousel_env) -> dict:
     try:
         for name, load in loads.items():
             path = out / f"profile_{name}_64.txt"
-            with profile.Recording(server.pid, path) as recording:
+            with profile.Recording(server.pid, path):
                 r = load(server)
             figures = {"tokens_per_s": round(r.get("tokens_per_s") or 0),
-                       "mean_batch_size": r.get("mean_batch_size")}
+                       "mean_batch_size": r.get("mean_batch_size"),
+                       "server_threads_cpu_pct": r.get("server_threads_cpu_pct"),
+                       "load_cpu_pct": r.get("client_cpu_pct")}
             found[name] = {"figures": figures, "raw": str(path),
-                           "threads": profile.summarize(path, recording.thread_cpu_pct)}
+                           "threads": profile.summarize(path, r.get("server_threads_cpu_pct"))}
             log(f"  profiled {name} 64: {one_line(r)} -> {path}")
     finally:
         server.stop()

@@ -18,23 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 
 from .client import Connection, ProtocolError
+from .procfs import process_cpu_s, thread_cpu_s
 
-TICKS = os.sysconf("SC_CLK_TCK")
 # What one failed request can raise; it is counted as an error and the loop goes on.
 FAILURES = (OSError, asyncio.IncompleteReadError, ProtocolError, RuntimeError, ValueError,
             KeyError, TypeError, IndexError)
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def percentiles(values: list[float]) -> dict:
@@ -72,6 +64,7 @@ class Run:
         mark = {}
         if self.spec.get("server_pid"):
             mark["server_cpu_s"] = process_cpu_s(self.spec["server_pid"])
+            mark["server_threads_cpu_s"] = thread_cpu_s(self.spec["server_pid"])
         if self.spec.get("metrics_path"):
             try:
                 status, text = await self.control.request("GET", self.spec["metrics_path"])
@@ -97,6 +90,9 @@ class Run:
                "errors": self.errors, "error_samples": self.error_samples}
         if "server_cpu_s" in start:
             out["server_cpu_s"] = end["server_cpu_s"] - start["server_cpu_s"]
+            before = start["server_threads_cpu_s"]
+            out["server_threads_cpu_s"] = {name: cpu - before.get(name, 0.0) for name, cpu
+                                           in end["server_threads_cpu_s"].items()}
         if "metrics" in start and "metrics" in end:
             out["metrics_before"], out["metrics_after"] = start["metrics"], end["metrics"]
         return out

@@ -8,13 +8,10 @@ hottest functions per thread, inclusive and self."""
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -52,11 +49,8 @@ class Recording:
     def __init__(self, pid: int, path: Path):
         self.pid, self.path = pid, path
         self.process: subprocess.Popen | None = None
-        self.started = self.wall_s = 0.0
 
     def __enter__(self) -> Recording:
-        self.cpu_before = thread_cpu_s(self.pid)
-        self.started = time.perf_counter()
         exe = py_spy()
         if exe is None:
             raise RuntimeError("py-spy is not installed (pip install py-spy)")
@@ -69,11 +63,6 @@ class Recording:
 
     def __exit__(self, *exc) -> None:
         assert self.process is not None
-        self.wall_s = time.perf_counter() - self.started
-        after = thread_cpu_s(self.pid)
-        # Exact per-thread CPU from the kernel: py-spy's idle detection is a heuristic.
-        self.thread_cpu_pct = {tid: 100 * (cpu - self.cpu_before.get(tid, 0.0)) / self.wall_s
-                               for tid, cpu in after.items()}
         self.process.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         try:
             self.process.wait(30)
@@ -82,25 +71,22 @@ class Recording:
             self.process.wait()
 
 
-def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of each thread of a process, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        out[task.name] = (int(fields[11]) + int(fields[12])) / ticks
-    return out
-
-
 def layer_of(frames: list[str]) -> str:
     for frame in reversed(frames):
         for layer, needles in LAYERS:
             if any(n in frame for n in needles):
                 return layer
     return "other"
+
+
+def cpu_of(thread: str, thread_cpu_pct: dict[str, float]) -> float | None:
+    """py-spy's "thread (tid): Name" → the /proc figure. Python does not name OS threads,
+    so every thread but the main one is "python" there: they are added up (in practice the
+    inference worker, plus onnxruntime's own threads when intra_op_threads > 1)."""
+    if thread.split(": ", 1)[-1] == "MainThread":
+        return thread_cpu_pct.get("main")
+    others = [v for k, v in thread_cpu_pct.items() if k != "main"]
+    return sum(others) if others else None
 
 
 def summarize(path: Path, thread_cpu_pct: dict[str, float] | None = None, top: int = 15
@@ -129,10 +115,10 @@ def summarize(path: Path, thread_cpu_pct: dict[str, float] | None = None, top: i
     for thread, t in sorted(threads.items(), key=lambda kv: -kv[1]["samples"]):
         total = t["samples"]
         branches = [(k, v) for k, v in t["inclusive"].most_common() if not k.startswith(TRUNK)]
-        tid = re.search(r"\((\d+)\)", thread)
         out[thread] = {
             "samples": total,
-            "cpu_pct_of_wall": (thread_cpu_pct or {}).get(tid.group(1)) if tid else None,
+            # Exact, from the kernel over the measured phase (py-spy's idle test is a guess).
+            "cpu_pct_of_wall": cpu_of(thread, thread_cpu_pct or {}),
             "layers_pct": {k: round(100 * v / total, 1) for k, v in t["layers"].most_common()},
             "inclusive_pct": {k: round(100 * v / total, 1) for k, v in branches[:top]},
             "self_pct": {k: round(100 * v / total, 1) for k, v in t["self"].most_common(top)},
@@ -146,7 +132,8 @@ def markdown(name: str, summary: dict, figures: dict) -> str:
     for thread, t in summary.items():
         cpu = t.get("cpu_pct_of_wall")
         lines += [f"**{thread}**: {t['samples']} samples"
-                  + (f", CPU {cpu:.0f}% of wall time (from /proc)" if cpu is not None else ""), "",
+                  + (f", CPU {cpu:.0f}% of the measured phase (from /proc)" if cpu is not None
+                     else ""), "",
                   "| layer (innermost) | % of thread |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in t["layers_pct"].items()]
         lines += ["", "| hottest (self) | % |", "|---|---|"]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .graph import GraphRunner, ModelVersion
 from .plan import Plan, PredictCase, session_sequences, window
+from .procfs import rss_bytes
 from .reference import (
     Check,
     check_generations,
@@ -20,7 +21,7 @@ from .reference import (
     check_top1,
     step_logprobs,
 )
-from .servers import PACKAGE, Server, rss_bytes
+from .servers import PACKAGE, Server
 
 MEMORY_PRIME = [32]  # each idle session consumed one token: it holds real state
 MEMORY_STEP = 101  # the check's step on a sample of them
@@ -84,7 +85,11 @@ def summarize(result: dict, work: float, unit: str) -> dict:
            "mean_batch_size": mean_batch_size(result),
            # CPU per unit of work is what contention changes least: the cost of one request.
            "server_cpu_us_per_unit": 1e6 * result.get("server_cpu_s", 0) / work if work else None,
-           "client_cpu_us_per_unit": 1e6 * result["client_cpu_s"] / work if work else None}
+           "client_cpu_us_per_unit": 1e6 * result["client_cpu_s"] / work if work else None,
+           # Per server thread: is the event loop (main) or the inference worker saturated?
+           "server_threads_cpu_pct": {name: 100 * cpu / wall for name, cpu in
+                                      result.get("server_threads_cpu_s", {}).items()
+                                      if wall > 0 and cpu / wall > 0.01}}
     for key in ("latency_s", "first_token_s", "inter_token_s"):
         if result.get(key):
             out[key[:-2] + "_ms"] = {q: result[key][q] * 1e3 for q in ("p50", "p95", "p99",

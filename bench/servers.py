@@ -28,14 +28,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 @dataclass
 class Server:
     kind: str  # "carousel", "naive", "floor" (or "floor-starlette", "floor-asgi")

@@ -197,14 +197,22 @@ async def create_session(request: Request) -> Response:
 @route("POST", "/v1/sessions/{session_id}/step",
        "Consume input; answer the next-token prediction", body=StepRequest, hot=True)
 async def step(request: Request) -> Response:
-    session_id = request.path_params["session_id"]
     svc = service(request)
-    req: StepRequest = await read(request, StepRequest)
+    body = await read_body(request, svc.settings.max_body_bytes)
+    return json_response(await run_step(svc, request.path_params["session_id"], body,
+                                        request.scope))
+
+
+async def run_step(svc: Service, session_id: str, body: bytes, scope: dict) -> dict:
+    """A step from its JSON body to its answer. Shared by the route above and its fast path
+    (app.RequestMiddleware), which serves it without the framework's layers."""
+    svc.check_accepting()
+    req: StepRequest = parse(StepRequest, body)
     tokens = to_tokens(req.text, req.tokens, required=True,
                        limit=svc.settings.max_tokens_per_request)
     record, answer = await svc.sessions.step(session_id, tokens, req.position, req.top_k)
-    request.scope["carousel.model"] = record.model
-    return json_response(views.step_body(session_id, answer, req.return_logits))
+    scope["carousel.model"] = record.model
+    return views.step_body(session_id, answer, req.return_logits)
 
 
 @route("POST", "/v1/sessions/{session_id}/generate",

@@ -23,6 +23,7 @@ from .errors import (
     InvalidInput,
     MethodNotAllowed,
     NotFound,
+    RequestTooLarge,
     ServiceError,
     ShuttingDown,
     error_body,
@@ -47,14 +48,42 @@ server-sent events, and a WebSocket per session. Errors are
 ROUTE_OF_ENDPOINT = {r.endpoint: r.path for r in api.ROUTES}
 
 
+async def read_asgi_body(scope, receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise RequestTooLarge(f"the body is {int(value)} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
 def error_response(error: ServiceError) -> Response:
     return Response(views.dumps(error_body(error)), status_code=error.status,
                     media_type="application/json", headers=error.headers())
 
 
+STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
+STEP_ROUTE = "/v1/sessions/{session_id}/step"
+JSON_HEADER = (b"content-type", b"application/json")
+
+
 class RequestMiddleware:
     """Pure ASGI (cheap): counts in-flight requests, records metrics, refuses /v1 work while
-    draining."""
+    draining, and serves the hot route, POST /step, itself.
+
+    A step is the one request clients send thousands of times a second, and the framework's
+    layers (exception middleware, router, request/response objects) cost more than the rest
+    of the step. So the step is answered here by the same `api.run_step` its route uses, with
+    the same errors; the route stays registered for everything else (405, docs)."""
 
     def __init__(self, app, service: Service) -> None:
         self.app = app
@@ -81,12 +110,31 @@ class RequestMiddleware:
 
         svc.inflight += 1
         try:
-            await self.app(scope, receive, send_status)
+            step = STEP_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
+            if step is not None:
+                scope["carousel.route"] = STEP_ROUTE
+                status = await self.step(scope, receive, send, step.group(1))
+            else:
+                await self.app(scope, receive, send_status)
         finally:
             svc.inflight -= 1
             svc.metrics.observe_request(
                 scope.get("carousel.model", ""), self.route_of(scope), scope["method"], status,
                 time.perf_counter() - started)
+
+    async def step(self, scope, receive, send, session_id: str) -> int:
+        svc = self.service
+        try:
+            body = await read_asgi_body(scope, receive, svc.settings.max_body_bytes)
+            answer = await api.run_step(svc, session_id, body, scope)
+            status, payload, extra = 200, views.dumps(answer), ()
+        except ServiceError as e:
+            status, payload = e.status, views.dumps(error_body(e))
+            extra = tuple((k.lower().encode(), v.encode()) for k, v in (e.headers() or {}).items())
+        await send({"type": "http.response.start", "status": status, "headers": [
+            JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": payload})
+        return status
 
     @staticmethod
     def route_of(scope) -> str:
@@ -94,6 +142,8 @@ class RequestMiddleware:
         route = scope.get("route")
         if route is not None:
             return route.path
+        if "carousel.route" in scope:
+            return scope["carousel.route"]
         spec = ROUTE_OF_ENDPOINT.get(scope.get("endpoint"))
         return spec if spec is not None else "unmatched"
 

@@ -50,6 +50,7 @@ class Generation:
         self.pending: int = -1  # sampled, to be fed next iteration
         self.finish_reason: str | None = None
         self.cancelled = False
+        self.in_flight = False  # in a batch that is running (owned by the scheduler)
         self._out = bytearray()
         self._utf8 = Utf8Stream() if stream else None
         self._events: list[TokenEvent | EndEvent] | None = [] if stream else None

@@ -1,12 +1,16 @@
 """The batching loop: one per model version, batching work across sessions.
 
-Read `_loop` top to bottom: wait for work; if only queued work is waiting (no generation is
-running), give the batch up to `max_batch_delay` to fill; take every active generation (one
-token each: continuous batching) plus queued work up to `max_batch_size`; run one inference
-call in the worker thread; hand each row its result; repeat.
+Read `_loop` and `_start_batch` top to bottom: when there is work, start a batch: every
+active generation (one token each: continuous batching) plus queued work, up to
+`max_batch_size` rows; an idle inference thread first gives queued work up to
+`max_batch_delay` to gather. The batch runs as one onnxruntime call in the inference thread,
+then each row gets its result. Up to two batches are in flight: the next one waits in the
+thread's queue, so the thread never idles while the event loop hands results back.
 
 Rules the batch respects:
 - never two rows of one session (`key`) in a batch; a session's work keeps its order;
+- queued work forms batches of about half the sessions sending it, so two batches alternate
+  (one in the thread, one being answered and refilled by the event loop);
 - rows of different lengths share a padded batch with their lengths, but only while padding
   at most doubles the work; an input longer than `prefill_chunk` runs in chunks over several
   iterations (carrying its state), so decode steps of other sessions never wait for a long
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,7 +35,7 @@ import numpy as np
 
 from .errors import InferenceFailed, QueueFull, ShuttingDown
 from .generation import Generation
-from .sampling import log_softmax, sample, top_k
+from .sampling import sample, top_logprobs
 
 log = logging.getLogger("carousel.service")
 
@@ -90,9 +95,11 @@ class Scheduler:
         self._active: list[Generation] = []
         self._recent: dict[object, float] = {}  # key -> last time it submitted work
         self._recent_pruned = 0.0
-        self._wake: asyncio.Future | None = None  # set while the loop sleeps with nothing to do
-        self._fill: asyncio.Future | None = None  # set while the loop waits for a batch to fill
-        self._fill_target = 0
+        self._wake: asyncio.Future | None = None  # set while the loop sleeps
+        self._wake_at: float = 1  # queue length that wakes the sleeping loop
+        self._deadline: float | None = None  # perf_counter time that wakes it
+        self._running: set[asyncio.Task] = set()  # batches in flight (at most two)
+        self._stateless = 0  # queued work without a session (predictions)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -114,6 +121,8 @@ class Scheduler:
         self._queue.append(work)
         if work.key is not None:
             self._recent[work.key] = work.enqueued_at
+        else:
+            self._stateless += 1
         self._poke()
 
     async def run(self, key: object | None, tokens: np.ndarray, row: np.ndarray | None,
@@ -133,7 +142,7 @@ class Scheduler:
         logits = self.layout.logits(gen.row)[None]
         gen.pending = int(sample(logits, [gen.params], np.array([gen.draw()]))[0])
         self._active.append(gen)
-        self._poke()
+        self._wake_loop()
 
     @property
     def queued(self) -> int:
@@ -146,14 +155,13 @@ class Scheduler:
     async def close(self) -> None:
         """Stop: queued work fails with ShuttingDown, generations end with 'shutdown'."""
         self._closed = True
-        for waiting in (self._wake, self._fill):
-            if waiting is not None and not waiting.done():
-                waiting.set_result(None)
-        if self._task is not None:
-            # The batch in flight finishes (its rows get their answers); then the loop ends.
-            done, _ = await asyncio.wait([self._task], timeout=10.0)
-            if not done:
-                self._task.cancel()
+        self._wake_loop()
+        pending = [t for t in (self._task, *self._running) if t is not None]
+        if pending:
+            # Batches in flight finish (their rows get their answers); then the loop ends.
+            _, late = await asyncio.wait(pending, timeout=10.0)
+            for task in late:
+                task.cancel()
         while self._queue:
             w = self._queue.popleft()
             if not w.future.done():
@@ -168,33 +176,76 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
-            if not self._queue and not self._active:
-                self._wake = loop.create_future()
-                await self._wake
-                self._wake = None
-                continue
-            if not self._active:
-                await self._wait_for_batch(loop)
-                if self._closed:
-                    break
-            gens = self._take_generations()
-            works, chunks, head_left = self._take_work(gens)
-            if head_left and gens and not self._gens_yielded:
-                # The oldest work is too long to share a batch with the generations' single
-                # tokens: it runs without them this once (they go on next iteration).
-                self._queue.extendleft(reversed(works))
-                gens = []
-                works, chunks, _ = self._take_work(gens)
-            self._gens_yielded = head_left and not gens
-            if gens or works:
-                await self._run_batch(loop, gens, works, chunks)
+            if not self._start_batch(loop):
+                await self._sleep(loop)  # until new work, a batch ends, or the fill deadline
 
-    def _poke(self) -> None:
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Start the next batch if it should start now; else say what to wake up for.
+
+        Two batches may be in flight: the second waits in the inference thread's queue and
+        starts the moment the first ends, with no hand-over through the event loop (which
+        costs ~1 ms of thread wake-up and GIL wait per batch on a busy machine)."""
+        self._wake_at, self._deadline = 1, None
+        if len(self._running) >= 2:
+            self._wake_at = math.inf  # only a finished batch wakes the loop
+            return False
+        ready_gens = any(not g.in_flight for g in self._active)
+        if not ready_gens:
+            if not self._queue:
+                return False
+            now = time.perf_counter()
+            limit = self._batch_limit(now)
+            if len(self._queue) < limit:
+                if self._running:  # the thread is busy anyway: the batch can grow meanwhile
+                    self._wake_at = limit
+                    return False
+                deadline = self._queue[0].enqueued_at + self.max_batch_delay_s
+                if now < deadline:  # idle thread: give the batch a moment to fill
+                    self._wake_at, self._deadline = limit, deadline
+                    return False
+        gens = self._take_generations()
+        works, chunks, head_left = self._take_work(gens)
+        if head_left and gens and not self._gens_yielded:
+            # The oldest work is too long to share a batch with the generations' single
+            # tokens: it runs without them this once (they go on next iteration).
+            self._queue.extendleft(reversed(works))
+            gens = []
+            works, chunks, _ = self._take_work(gens)
+        self._gens_yielded = head_left and not gens
+        if not gens and not works:
+            return False
+        for g in gens:
+            g.in_flight = True
+        task = loop.create_task(self._run_batch(loop, gens, works, chunks))
+        self._running.add(task)
+        task.add_done_callback(self._batch_done)
+        return True
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._wake_loop()
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake = loop.create_future()
+        timer = None
+        if self._deadline is not None:
+            timer = loop.call_at(loop.time() + (self._deadline - time.perf_counter()),
+                                 self._wake_loop)
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake_loop(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        if (self._fill is not None and not self._fill.done()
-                and len(self._queue) >= self._fill_target):
-            self._fill.set_result(None)
+
+    def _poke(self) -> None:
+        """New work: wake the loop once there is enough of it to act on."""
+        if len(self._queue) >= self._wake_at:
+            self._wake_loop()
 
     def _expected_sources(self, now: float) -> int:
         """How many sessions are likely to send work soon: those seen in the last moments.
@@ -205,38 +256,35 @@ class Scheduler:
             self._recent_pruned = now
         return len(self._recent)
 
-    async def _wait_for_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = time.perf_counter()
-        target = min(self.max_batch_size, max(1, self._expected_sources(now)))
-        deadline = self._queue[0].enqueued_at + self.max_batch_delay_s
-        if len(self._queue) >= target or now >= deadline:
-            return
-        self._fill_target = target
-        self._fill = loop.create_future()
-        timer = loop.call_at(loop.time() + (deadline - now), _resolve, self._fill)
-        try:
-            await self._fill
-        finally:
-            timer.cancel()
-            self._fill = None
+    def _batch_limit(self, now: float) -> int:
+        """Rows for the next batch of queued work: half the sessions that are sending, so
+        their steps form two alternating batches. While one runs in the inference thread,
+        the event loop answers the other and reads its next steps; one batch of everyone
+        would leave each side idle while the other works (measured: +40% steps/s at 64
+        sessions). Predictions arrive all at once, so all of them are taken."""
+        half = -(-self._expected_sources(now) // 2)
+        return min(self.max_batch_size, max(1, half, self._stateless))
 
     def _take_generations(self) -> list[Generation]:
-        for gen in [g for g in self._active if g.cancelled]:
+        for gen in [g for g in self._active if g.cancelled and not g.in_flight]:
             # Left between iterations: the pending token was never fed, so it is dropped.
             gen.finish("cancelled")
         self._active = [g for g in self._active if g.finish_reason is None]
+        ready = [g for g in self._active if not g.in_flight]
         room = self.max_batch_size
         if self._queue:  # keep room for queued work so steps never starve behind generations
             room -= min(len(self._queue), self.max_batch_size // 2)
-        gens = self._active[:room]
-        if len(self._active) > room:  # round-robin when there are more than fit
-            self._active = self._active[room:] + gens
+        gens = ready[:room]
+        if len(ready) > room:  # round-robin when there are more than fit
+            taken = set(map(id, gens))
+            self._active = [g for g in self._active if id(g) not in taken] + gens
         return gens
 
     def _take_work(self, gens: list[Generation]
                    ) -> tuple[list[Work], list[np.ndarray], bool]:
         """Queued work for this batch, oldest first, within the size and padding budget;
         also whether the oldest work had to stay queued."""
+        limit = self.max_batch_size if gens else self._batch_limit(time.perf_counter())
         works: list[Work] = []
         chunks: list[np.ndarray] = []
         taken_keys = {g.key for g in gens}
@@ -249,11 +297,13 @@ class Scheduler:
         while self._queue:
             w = self._queue.popleft()
             if w.future.done():  # its caller gave up: skip without running it
+                if w.key is None and w.consumed == 0:
+                    self._stateless -= 1
                 continue
             chunk = w.tokens[w.consumed: w.consumed + self.prefill_chunk]
             n = len(chunk)
             fits = (
-                rows < self.max_batch_size
+                rows < limit
                 and (w.key is None or (w.key not in taken_keys and w.key not in blocked))
                 # padding may at most double the computed tokens (small batches always fit)
                 and (rows + 1) * max(longest, n) <= max(2 * (real + n), 16)
@@ -263,13 +313,15 @@ class Scheduler:
                 left.append(w)
                 if w.key is not None:
                     blocked.add(w.key)
-                if rows >= self.max_batch_size:
+                if rows >= limit:
                     break
                 continue
             works.append(w)
             chunks.append(chunk)
             if w.key is not None:
                 taken_keys.add(w.key)
+            elif w.consumed == 0:
+                self._stateless -= 1
             rows += 1
             real += n
             longest = max(longest, n)
@@ -298,6 +350,7 @@ class Scheduler:
                 if not w.future.done():
                     w.future.set_exception(err)
             for g in gens:
+                g.in_flight = False
                 g.finish("error")
             return
         self.batches += 1
@@ -310,15 +363,20 @@ class Scheduler:
                 if not w.future.done():
                     w.future.set_exception(InferenceFailed("internal error handing back"))
             for g in gens:
+                g.in_flight = False
                 g.finish("error")
 
     def _compute(self, inputs: list[np.ndarray], rows: list, kmax: int,
                  params: list, uniforms: np.ndarray) -> BatchOutput:
         """The worker thread's part: pad, run, split, and the per-row arithmetic."""
         lengths = np.fromiter((len(x) for x in inputs), dtype=np.int32, count=len(inputs))
-        tokens = np.zeros((len(inputs), int(lengths.max())), dtype=np.int64)
-        for i, x in enumerate(inputs):
-            tokens[i, : len(x)] = x
+        longest = int(lengths.max())
+        if longest == 1:  # decode steps: one token each, no padding
+            tokens = np.concatenate(inputs).reshape(-1, 1)
+        else:
+            tokens = np.zeros((len(inputs), longest), dtype=np.int64)
+            for i, x in enumerate(inputs):
+                tokens[i, : len(x)] = x
         state = self.layout.stack(rows)
         t0 = time.perf_counter()
         last, outputs = self.engine.infer(tokens, lengths, state)
@@ -326,7 +384,7 @@ class Scheduler:
         new_rows = self.layout.unstack(outputs, last)
         g = len(params)
         sampled = sample(last[:g], params, uniforms) if g else np.empty(0, dtype=np.int64)
-        top_tokens, top_lps = top_k(log_softmax(last[g:]), kmax)
+        top_tokens, top_lps = top_logprobs(last[g:], kmax)
         return BatchOutput(new_rows, top_tokens, top_lps, sampled, seconds)
 
     def _hand_back(self, gens: list[Generation], works: list[Work], chunks: list[np.ndarray],
@@ -334,6 +392,7 @@ class Scheduler:
         g = len(gens)
         finished = 0
         for i, gen in enumerate(gens):
+            gen.in_flight = False
             finished += gen.advance(out.rows[i], int(out.sampled[i]))
         if g:
             self.hooks.generated(g)
@@ -350,11 +409,6 @@ class Scheduler:
                 k = w.top_k
                 w.future.set_result(WorkResult(row, out.top_tokens[j, :k], out.top_logprobs[j, :k]))
         self._queue.extendleft(reversed(unfinished))
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def make_scheduler(engine, settings, hooks: SchedulerHooks | None, name: str,

@@ -32,7 +32,7 @@ from .errors import (
 from .generation import Generation
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
-from .sampling import SamplingParams, log_softmax, top_k
+from .sampling import SamplingParams, top_logprobs
 from .scheduler import WorkResult
 from .store import SessionRecord, SessionStore
 
@@ -299,5 +299,5 @@ class SessionManager:
 
     def _replay(self, mv: ModelVersion, record: SessionRecord, k: int) -> Answer:
         logits = mv.layout.logits(record.row)
-        tokens, logprobs = top_k(log_softmax(logits[None]), k)
+        tokens, logprobs = top_logprobs(logits[None], k)
         return Answer(record.position, tokens[0], logprobs[0], logits)

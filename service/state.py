@@ -44,10 +44,13 @@ class StateLayout:
 
     def stack(self, rows: Sequence[np.ndarray | None]) -> dict[str, np.ndarray]:
         """Graph state inputs for a batch; a None row is a stateless item (zero state)."""
-        batch = np.zeros((len(rows), self.state_size), dtype=np.float32)
-        for i, row in enumerate(rows):
-            if row is not None:
-                batch[i] = row[: self.state_size]
+        if all(row is not None for row in rows):
+            batch = np.stack(rows)  # one C-level copy; the logits columns are ignored below
+        else:
+            batch = np.zeros((len(rows), self.state_size), dtype=np.float32)
+            for i, row in enumerate(rows):
+                if row is not None:
+                    batch[i] = row[: self.state_size]
         feeds = {}
         for spec, (lo, hi) in zip(self.states, self.offsets, strict=True):
             part = batch[:, lo:hi].reshape((len(rows), *spec.shape))

@@ -63,9 +63,10 @@ def sse(events: list, seed: int) -> bytes:
     """Server-sent events: one `data:` event per token, then `event: end`."""
     parts = []
     for e in events:
-        if isinstance(e, TokenEvent):
-            parts.append(b"data: " + dumps({"token": e.token, "text": e.text,
-                                            "position": e.position}) + b"\n\n")
+        if isinstance(e, TokenEvent):  # by hand: one per token per stream, the hot path
+            text = json.dumps(e.text, ensure_ascii=False)
+            parts.append(f'data: {{"token":{e.token},"text":{text},"position":{e.position}}}'
+                         "\n\n".encode())
         else:
             parts.append(b"event: end\ndata: " + dumps(end_event(e, seed)) + b"\n\n")
     return b"".join(parts)

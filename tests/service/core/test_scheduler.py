@@ -41,7 +41,7 @@ def submit(s: Scheduler, key, toks, row=None, k=3) -> asyncio.Future:
     return fut
 
 
-def test_batch_forms_across_sessions_and_each_row_gets_its_own_answer():
+def test_batches_form_across_sessions_and_each_row_gets_its_own_answer():
     engine = FakeEngine()
     inputs = {f"s{i}": tokens(*range(i + 1, i + 2 + i % 3)) for i in range(8)}  # lengths 1..3
 
@@ -53,7 +53,8 @@ def test_batch_forms_across_sessions_and_each_row_gets_its_own_answer():
         return results
 
     results = run(main())
-    assert engine.calls == [[len(x) for x in inputs.values()]], "one padded call of 8 rows"
+    # Eight sessions sending: two alternating padded batches of four.
+    assert engine.calls == [[1, 2, 3, 1], [2, 3, 1, 2]]
     for key, x in inputs.items():
         want = reference_row(x.tolist())
         np.testing.assert_allclose(results[key].row, want, rtol=0, atol=1e-4)
@@ -66,15 +67,17 @@ def test_two_items_of_one_session_never_share_a_batch_and_keep_their_order():
 
     async def main():
         s = await started(engine)
-        f1 = submit(s, "same", tokens(1, 2))
-        f2 = submit(s, "same", tokens(3))
-        f3 = submit(s, "other", tokens(4))
-        r = [await f for f in (f1, f2, f3)]
+        futs = [submit(s, "same", tokens(1, 2)), submit(s, "a", tokens(3, 3, 3)),
+                submit(s, "b", tokens(4, 4, 4, 4)), submit(s, "same", tokens(5)),
+                submit(s, "c", tokens(*[6] * 5))]
+        for f in futs:
+            await f
         await s.close()
-        return r
 
     run(main())
-    assert engine.calls == [[2, 1], [1]], "first 'same' with 'other', then the second 'same'"
+    # Four sessions sending: batches of two. The second 'same' (length 1) is never in the
+    # batch of the first, and runs after it.
+    assert engine.calls == [[2, 3], [4, 1], [5]]
 
 
 def test_stateful_rows_continue_from_the_row_given():
@@ -149,8 +152,8 @@ def test_a_failed_call_fails_every_row_of_its_batch():
     engine = FakeEngine(fail=True)
 
     async def main():
-        s = await started(engine)
-        futs = [submit(s, f"s{i}", tokens(i + 1)) for i in range(3)]
+        s = await started(engine, max_batch_size=4)
+        futs = [submit(s, None, tokens(i + 1)) for i in range(3)]  # stateless: one batch
         errors = []
         for f in futs:
             with pytest.raises(InferenceFailed) as e:
@@ -160,7 +163,7 @@ def test_a_failed_call_fails_every_row_of_its_batch():
         return errors
 
     errors = run(main())
-    assert len(engine.calls) == 1 and len(errors) == 3
+    assert engine.calls == [[1, 1, 1]] and len(errors) == 3
 
 
 def test_work_whose_caller_gave_up_is_not_run():
@@ -178,27 +181,30 @@ def test_work_whose_caller_gave_up_is_not_run():
     assert engine.calls == [[2]]
 
 
-def test_close_fails_queued_work_with_shutting_down():
+def test_close_lets_running_batches_finish_and_fails_queued_work():
     engine = FakeEngine()
     engine.gate = threading.Event()
 
     async def main():
-        s = await started(engine, max_batch_delay_s=0.0)
+        s = await started(engine, max_batch_size=1, max_batch_delay_s=0.0)
         running = submit(s, "a", tokens(1))
         while not engine.calls:
             await asyncio.sleep(0.001)
-        queued = submit(s, "b", tokens(2))
+        second = submit(s, "b", tokens(2))  # in flight behind the first
+        await asyncio.sleep(0.01)
+        queued = submit(s, "c", tokens(3))  # two in flight: this one waits in the queue
         closing = asyncio.ensure_future(s.close())
         await asyncio.sleep(0.01)
         engine.gate.set()
         await closing
+        assert (await running).row is not None and (await second).row is not None
         with pytest.raises(ShuttingDown):
             await queued
         with pytest.raises(ShuttingDown):
-            s.submit(Work("c", tokens(3), None, 1, asyncio.get_running_loop().create_future()))
-        running.cancel()
+            s.submit(Work("d", tokens(4), None, 1, asyncio.get_running_loop().create_future()))
 
     run(main())
+    assert engine.calls == [[1], [1]]
 
 
 def make_gen(prompt, max_tokens, key, **kw) -> Generation:
@@ -231,22 +237,23 @@ def test_generations_batch_continuously_and_each_decodes_as_alone():
     assert [len(c) for c in engine.calls] == [3, 3, 3, 2, 1, 1]
 
 
-def test_a_step_joins_running_generations_in_one_batch():
-    engine = FakeEngine()
+def test_a_step_is_not_held_up_by_running_generations():
+    engine = FakeEngine(delay_s=0.001)
 
     async def main():
         s = await started(engine)
-        g = make_gen([1, 2], 5, "g")
+        g = make_gen([1, 2], 200, "g")
         s.start_generation(g)
-        await asyncio.sleep(0)  # let the loop start iterating
+        await asyncio.sleep(0.005)
         r = await submit(s, "stepper", tokens(7))
+        still_running = not g.done.done()
         await g.done
         await s.close()
-        return r
+        return r, still_running, g
 
-    r = run(main())
+    r, still_running, g = run(main())
     np.testing.assert_allclose(r.row, reference_row([7]), rtol=0, atol=1e-4)
-    assert any(len(c) == 2 for c in engine.calls), engine.calls
+    assert still_running and g.tokens == greedy([1, 2], 200)
 
 
 def test_cancelled_generation_keeps_exactly_the_tokens_it_emitted():
