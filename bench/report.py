@@ -169,11 +169,14 @@ def health(results: dict) -> list[str]:
             for server, r in per_server.items():
                 correct = _correct(r.get("correct"))
                 failed = f" ({r['failed_runs']} runs failed)" if r.get("failed_runs") else ""
+                # CPU shares of phases shorter than a few /proc ticks mean nothing.
+                cpu = r if (r.get("wall_s") or 0) >= 0.2 else {}
                 lines.append(f"| {kind} {level} | {server} | {r.get('errors', '–')}{failed} | "
                              f"{correct} | {_fmt(r.get('mean_batch_size'))} | "
-                             f"{_fmt(r.get('client_cpu_pct'))} | {_fmt(r.get('server_cpu_pct'))} | "
-                             f"{_threads(r.get('server_threads_cpu_pct'))} | "
-                             f"{_fmt(r.get('server_cpu_us_per_unit'))} |")
+                             f"{_fmt(cpu.get('client_cpu_pct'))} | "
+                             f"{_fmt(cpu.get('server_cpu_pct'))} | "
+                             f"{_threads(cpu.get('server_threads_cpu_pct'))} | "
+                             f"{_fmt(cpu.get('server_cpu_us_per_unit'))} |")
     return lines
 
 

@@ -26,6 +26,7 @@ from .servers import PACKAGE, Server
 MEMORY_PRIME = [32]  # each idle session consumed one token: it holds real state
 MEMORY_STEP = 101  # the check's step on a sample of them
 MEMORY_SAMPLE = 64
+MIN_CPU_WALL_S = 0.2
 
 
 def run_load(spec: dict) -> dict:
@@ -78,18 +79,21 @@ def summarize(result: dict, work: float, unit: str) -> dict:
     if "failed" in result:
         return {"failed": result["failed"]}
     wall = result["wall_s"]
+    # /proc counts CPU in 10 ms ticks: over a shorter phase a CPU share means nothing.
+    timed = wall >= MIN_CPU_WALL_S
     out = {unit: work / wall if wall > 0 else 0.0, "wall_s": wall, "errors": result["errors"],
            "error_samples": result["error_samples"],
-           "client_cpu_pct": 100 * result["client_cpu_s"] / wall if wall > 0 else None,
-           "server_cpu_pct": 100 * result.get("server_cpu_s", 0) / wall if wall > 0 else None,
+           "client_cpu_pct": 100 * result["client_cpu_s"] / wall if timed else None,
+           "server_cpu_pct": 100 * result.get("server_cpu_s", 0) / wall if timed else None,
            "mean_batch_size": mean_batch_size(result),
            # CPU per unit of work is what contention changes least: the cost of one request.
-           "server_cpu_us_per_unit": 1e6 * result.get("server_cpu_s", 0) / work if work else None,
+           "server_cpu_us_per_unit": (1e6 * result.get("server_cpu_s", 0) / work
+                                      if work and timed else None),
            "client_cpu_us_per_unit": 1e6 * result["client_cpu_s"] / work if work else None,
            # Per server thread: is the event loop (main) or the inference worker saturated?
            "server_threads_cpu_pct": {name: 100 * cpu / wall for name, cpu in
                                       result.get("server_threads_cpu_s", {}).items()
-                                      if wall > 0 and cpu / wall > 0.01}}
+                                      if timed and cpu / wall > 0.01}}
     for key in ("latency_s", "first_token_s", "inter_token_s"):
         if result.get(key):
             out[key[:-2] + "_ms"] = {q: result[key][q] * 1e3 for q in ("p50", "p95", "p99",

@@ -99,7 +99,7 @@ class Scheduler:
         self._wake_at: float = 1  # queue length that wakes the sleeping loop
         self._deadline: float | None = None  # perf_counter time that wakes it
         self._running: set[asyncio.Task] = set()  # batches in flight (at most two)
-        self._stateless = 0  # queued work without a session (predictions)
+        self._stateless = 0  # work without a session (predictions) in the queue right now
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task | None = None
         self._closed = False
@@ -297,7 +297,7 @@ class Scheduler:
         while self._queue:
             w = self._queue.popleft()
             if w.future.done():  # its caller gave up: skip without running it
-                if w.key is None and w.consumed == 0:
+                if w.key is None:
                     self._stateless -= 1
                 continue
             chunk = w.tokens[w.consumed: w.consumed + self.prefill_chunk]
@@ -320,7 +320,7 @@ class Scheduler:
             chunks.append(chunk)
             if w.key is not None:
                 taken_keys.add(w.key)
-            elif w.consumed == 0:
+            else:
                 self._stateless -= 1
             rows += 1
             real += n
@@ -405,6 +405,8 @@ class Scheduler:
             if w.consumed < len(w.tokens):  # a long input: its next chunk goes first next time
                 w.row = row
                 unfinished.append(w)
+                if w.key is None:  # back in the queue: counted again (see _batch_limit)
+                    self._stateless += 1
             elif not w.future.done():
                 k = w.top_k
                 w.future.set_result(WorkResult(row, out.top_tokens[j, :k], out.top_logprobs[j, :k]))

@@ -333,3 +333,22 @@ def test_a_long_input_is_not_starved_by_generations_nor_mixed_with_them():
     chunk_calls = [c for c in engine.calls if max(c) > 1]
     assert [max(c) for c in chunk_calls] == [8, 8, 8, 6]
     assert all(len(c) == 1 for c in chunk_calls), "a chunk never pads three generations"
+
+
+def test_long_predictions_stay_batched_through_every_chunk():
+    # Stateless inputs longer than a prefill chunk come back to the queue after each chunk;
+    # they must still be taken together, not one row per call from the second chunk on.
+    engine = FakeEngine()
+    inputs = [tokens(*range(1 + i, 11 + i)) for i in range(4)]  # 10 tokens: chunks 4, 4, 2
+
+    async def main():
+        s = await started(engine, prefill_chunk=4)
+        futs = [submit(s, None, x) for x in inputs]
+        results = [await f for f in futs]
+        await s.close()
+        return results
+
+    results = run(main())
+    assert engine.calls == [[4, 4, 4, 4], [4, 4, 4, 4], [2, 2, 2, 2]]
+    for x, r in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(r.row, reference_row(x.tolist()), rtol=0, atol=1e-4)
