@@ -113,17 +113,20 @@ class Scheduler:
 
     def submit(self, work: Work) -> None:
         """Queue work; its future gets a WorkResult (or the error of a failed batch)."""
-        if self._closed:
-            raise ShuttingDown("the server is shutting down; retry on another instance")
-        if len(self._queue) >= self.max_queue:
-            raise QueueFull(f"{self.name}: {self.max_queue} requests already queued; retry soon",
-                            retry_after=1)
+        self._admit(len(self._queue), "requests already queued")
         self._queue.append(work)
         if work.key is not None:
             self._recent[work.key] = work.enqueued_at
         else:
             self._stateless += 1
         self._poke()
+
+    def _admit(self, waiting: int, what: str) -> None:
+        """Refuse new work while closing, or when `waiting` has reached the bound."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        if waiting >= self.max_queue:
+            raise QueueFull(f"{self.name}: {self.max_queue} {what}; retry soon", retry_after=1)
 
     async def run(self, key: object | None, tokens: np.ndarray, row: np.ndarray | None,
                   k: int) -> WorkResult:
@@ -134,11 +137,7 @@ class Scheduler:
 
     def start_generation(self, gen: Generation) -> None:
         """Join the running generations; the first token is sampled from the row's logits."""
-        if self._closed:
-            raise ShuttingDown("the server is shutting down; retry on another instance")
-        if len(self._active) >= self.max_queue:
-            raise QueueFull(f"{self.name}: {self.max_queue} generations running; retry soon",
-                            retry_after=1)
+        self._admit(len(self._active), "generations running")
         logits = self.layout.logits(gen.row)[None]
         gen.pending = int(sample(logits, [gen.params], np.array([gen.draw()]))[0])
         self._active.append(gen)
