@@ -20,8 +20,9 @@ log = logging.getLogger("carousel.service")
 
 def session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    # One intra-op thread by default: on two cores the event loop needs the other one, and a
-    # decode step is too small to gain from splitting (measured; see bench/README.md).
+    # One intra-op thread by default: the scheduler runs batches on several threads instead,
+    # one core each; splitting one call across cores costs ~25% more CPU per step in
+    # thread hand-offs (measured; see bench/README.md).
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -68,8 +69,10 @@ class Engine:
         outputs by name."""
         feeds = {TOKENS: tokens, LENGTHS: lengths.astype(self._lengths_dtype, copy=False), **state}
         logits, *states = self.session.run(self._output_names, feeds)
-        rows = np.arange(tokens.shape[0])
-        last = logits[rows, lengths.astype(np.intp) - 1]
+        if tokens.shape[1] == 1:  # decode steps: every row's last position is its only one
+            last = logits[:, 0]
+        else:
+            last = logits[np.arange(tokens.shape[0]), lengths.astype(np.intp) - 1]
         return last, dict(zip(self._output_names[1:], states, strict=True))
 
     def warm_up(self) -> None:

@@ -32,6 +32,33 @@ class EndEvent:
     position: int
 
 
+class StopRule:
+    """When a generation ends: its output ends with a stop string, or max_tokens is reached.
+
+    Kept apart from the emitted text because whoever runs the generation checks it (the
+    event loop, or the inference thread while it decodes iterations back to back) while the
+    event loop emits the text."""
+
+    __slots__ = ("left", "stops", "keep", "tail")
+
+    def __init__(self, max_tokens: int, stops: tuple[bytes, ...]) -> None:
+        self.left = max_tokens
+        self.stops = stops
+        self.keep = max(map(len, stops), default=0)
+        self.tail = bytearray()  # the last `keep` output bytes
+
+    def check(self, token: int) -> str | None:
+        """The reason the generation ends with this token, or None."""
+        self.left -= 1
+        if self.stops:
+            self.tail.append(token)
+            if len(self.tail) > self.keep:
+                del self.tail[0]
+            if any(self.tail.endswith(s) for s in self.stops):
+                return "stop"
+        return "length" if self.left <= 0 else None
+
+
 class Generation:
     """Sampling state of one generation on one session (or a stateless caller)."""
 
@@ -46,6 +73,7 @@ class Generation:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.max_tokens = max_tokens
         self.stop = stop
+        self.rule = StopRule(max_tokens, stop)  # checked by whoever runs the iteration
         self.tokens: list[int] = []  # fed and emitted
         self.pending: int = -1  # sampled, to be fed next iteration
         self.finish_reason: str | None = None
@@ -77,17 +105,9 @@ class Generation:
         """The pending token was fed and `row` is the new state; `next_token` was sampled from
         its logits. Returns True when the generation is finished."""
         token = self.pending
+        reason = self.rule.check(token)
         self.row = row
-        self.tokens.append(token)
-        self._out.append(token)
-        reason = None
-        if any(self._out.endswith(s) for s in self.stop):
-            reason = "stop"
-        elif len(self.tokens) >= self.max_tokens:
-            reason = "length"
-        if self._utf8 is not None:
-            self._emit(TokenEvent(token, self._utf8.feed(token, reason is not None),
-                                  self.position))
+        self.emit_token(token, reason is not None)
         if reason is None and self.cancelled:
             reason = "cancelled"
         if reason is not None:
@@ -95,6 +115,13 @@ class Generation:
             return True
         self.pending = next_token
         return False
+
+    def emit_token(self, token: int, final: bool) -> None:
+        """A fed token becomes output (and an event); `final` when it is the last one."""
+        self.tokens.append(token)
+        self._out.append(token)
+        if self._utf8 is not None:
+            self._emit(TokenEvent(token, self._utf8.feed(token, final), self.position))
 
     def finish(self, reason: str) -> None:
         if self.finish_reason is not None:

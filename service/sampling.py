@@ -62,28 +62,42 @@ def top_k(logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(vals, order, axis=1)
 
 
-def sample(logits: np.ndarray, params: list[SamplingParams], uniforms: np.ndarray) -> np.ndarray:
-    """One token per row. `uniforms` (B,) in [0, 1) are the rows' random draws.
-
-    Rows go three ways, each vectorised and each row independent of the others: greedy rows
+class SamplingBatch:
+    """The per-row options of a batch as arrays, and which way each row goes: greedy rows
     take the argmax; rows with top_p < 1 sort their tokens (the nucleus needs the order);
     the rest draw by inverse CDF in token order, after masking all but the top k (no sort).
-    """
-    b, v = logits.shape
-    out = np.empty(b, dtype=np.int64)
-    temps = np.array([p.temperature for p in params], dtype=np.float64)
-    top_ps = np.array([p.top_p for p in params], dtype=np.float64)
-    ks = np.array([p.top_k if 0 < p.top_k < v else v for p in params])
-    greedy = temps == 0.0
-    nucleus = ~greedy & (top_ps < 1.0)
-    plain = ~greedy & ~nucleus
+    Built once for a run of iterations over the same rows."""
+
+    __slots__ = ("temps", "top_ps", "ks", "greedy", "nucleus", "plain", "all_greedy")
+
+    def __init__(self, params: list[SamplingParams], vocab_size: int) -> None:
+        self.temps = np.array([p.temperature for p in params], dtype=np.float64)
+        self.top_ps = np.array([p.top_p for p in params], dtype=np.float64)
+        self.ks = np.array([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
+        # top_k=1 keeps only the likeliest token: greedy, without drawing (ties go to the
+        # lower token id, as with temperature 0).
+        self.greedy = (self.temps == 0.0) | (self.ks == 1)
+        self.nucleus = ~self.greedy & (self.top_ps < 1.0)
+        self.plain = ~self.greedy & ~self.nucleus
+        self.all_greedy = bool(self.greedy.all())
+
+
+def sample(logits: np.ndarray, params: list[SamplingParams] | SamplingBatch,
+           uniforms: np.ndarray) -> np.ndarray:
+    """One token per row. `uniforms` (B,) in [0, 1) are the rows' random draws. Each row's
+    token depends on that row alone (see SamplingBatch for the three ways)."""
+    b = params if isinstance(params, SamplingBatch) else SamplingBatch(params, logits.shape[1])
+    if b.all_greedy:
+        return logits.argmax(axis=1)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    greedy, plain, nucleus = b.greedy, b.plain, b.nucleus
     if greedy.any():
         out[greedy] = logits[greedy].argmax(axis=1)
     if plain.any():
-        out[plain] = _sample_plain(logits[plain], temps[plain], ks[plain], uniforms[plain])
+        out[plain] = _sample_plain(logits[plain], b.temps[plain], b.ks[plain], uniforms[plain])
     if nucleus.any():
-        out[nucleus] = _sample_nucleus(logits[nucleus], temps[nucleus], ks[nucleus],
-                                       top_ps[nucleus], uniforms[nucleus])
+        out[nucleus] = _sample_nucleus(logits[nucleus], b.temps[nucleus], b.ks[nucleus],
+                                       b.top_ps[nucleus], uniforms[nucleus])
     return out
 
 

@@ -3,9 +3,14 @@
 Read `_loop` and `_start_batch` top to bottom: when there is work, start a batch: every
 active generation (one token each: continuous batching) plus queued work, up to
 `max_batch_size` rows; an idle inference thread first gives queued work up to
-`max_batch_delay` to gather. The batch runs as one onnxruntime call in the inference thread,
-then each row gets its result. Up to two batches are in flight: the next one waits in the
-thread's queue, so the thread never idles while the event loop hands results back.
+`max_batch_delay` to gather. The batch runs as one onnxruntime call in an inference thread
+(`threads` of them, one onnxruntime call each at a time), then each row gets its result. One
+batch more than there are threads may be in flight: it waits in the threads' queue, so no
+thread idles while the event loop hands results back.
+
+When nothing but generations is running, the batch is a decode run instead (decode.py): the
+threads decode iteration after iteration by themselves, each its share of the generations,
+until new work, a joining or ending generation, or shutdown needs the event loop.
 
 Rules the batch respects:
 - never two rows of one session (`key`) in a batch; a session's work keeps its order;
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .decode import RunResult, decode_run
 from .errors import InferenceFailed, QueueFull, ShuttingDown
 from .generation import Generation
 from .sampling import sample, top_logprobs
@@ -40,6 +46,7 @@ from .sampling import sample, top_logprobs
 log = logging.getLogger("carousel.service")
 
 RECENT_HORIZON_S = 0.1  # sources seen this recently are expected to send more work soon
+MIN_DECODE_SPLIT = 8  # generations per thread before a decode run is split across threads
 
 
 @dataclass(slots=True, eq=False)
@@ -81,7 +88,7 @@ class SchedulerHooks:
 
 class Scheduler:
     def __init__(self, engine, *, max_batch_size: int = 64, max_batch_delay_s: float = 0.002,
-                 max_queue: int = 1024, prefill_chunk: int = 256,
+                 max_queue: int = 1024, prefill_chunk: int = 256, threads: int = 1,
                  hooks: SchedulerHooks | None = None, name: str = "model") -> None:
         self.engine = engine
         self.layout = engine.layout
@@ -100,10 +107,14 @@ class Scheduler:
         self._deadline: float | None = None  # perf_counter time that wakes it
         self._running: set[asyncio.Task] = set()  # batches in flight (at most two)
         self._stateless = 0  # work without a session (predictions) in the queue right now
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self.threads = threads
+        self._max_running = threads + 1  # each thread busy and one batch ready to go
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task | None = None
         self._closed = False
         self._gens_yielded = False  # the last iteration left the generations out
+        # A decode run (generations alone, decode.py) gives the thread back when this is set.
+        self._interrupt = False
         self.batches = 0  # iterations run, for tests and /metrics
 
     # ---------------------------------------------------------------- what callers use
@@ -115,6 +126,7 @@ class Scheduler:
         """Queue work; its future gets a WorkResult (or the error of a failed batch)."""
         self._admit(len(self._queue), "requests already queued")
         self._queue.append(work)
+        self._interrupt = True
         if work.key is not None:
             self._recent[work.key] = work.enqueued_at
         else:
@@ -141,6 +153,7 @@ class Scheduler:
         logits = self.layout.logits(gen.row)[None]
         gen.pending = int(sample(logits, [gen.params], np.array([gen.draw()]))[0])
         self._active.append(gen)
+        self._interrupt = True
         self._wake_loop()
 
     @property
@@ -154,6 +167,7 @@ class Scheduler:
     async def close(self) -> None:
         """Stop: queued work fails with ShuttingDown, generations end with 'shutdown'."""
         self._closed = True
+        self._interrupt = True
         self._wake_loop()
         pending = [t for t in (self._task, *self._running) if t is not None]
         if pending:
@@ -181,14 +195,20 @@ class Scheduler:
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Start the next batch if it should start now; else say what to wake up for.
 
-        Two batches may be in flight: the second waits in the inference thread's queue and
-        starts the moment the first ends, with no hand-over through the event loop (which
-        costs ~1 ms of thread wake-up and GIL wait per batch on a busy machine)."""
+        One batch more than there are threads may be in flight: it waits in the threads'
+        queue and starts the moment one ends, with no hand-over through the event loop
+        (which costs ~1 ms of thread wake-up and GIL wait per batch on a busy machine)."""
         self._wake_at, self._deadline = 1, None
-        if len(self._running) >= 2:
+        if len(self._running) >= self._max_running:
             self._wake_at = math.inf  # only a finished batch wakes the loop
             return False
         ready_gens = any(not g.in_flight for g in self._active)
+        if (ready_gens and not self._queue and self._running
+                and len(self._active) <= self.max_batch_size):
+            # Generations only: those waiting join the ones in flight when that batch ends,
+            # so all of them decode together in one run (decode.py) instead of splitting
+            # into two batches that alternate for good.
+            return False
         if not ready_gens:
             if not self._queue:
                 return False
@@ -215,10 +235,21 @@ class Scheduler:
             return False
         for g in gens:
             g.in_flight = True
-        task = loop.create_task(self._run_batch(loop, gens, works, chunks))
+        if gens and not works and not self._queue and len(gens) == len(self._active):
+            # Every generation and nothing else: the threads decode until they are needed,
+            # each thread its share of the generations (one core each, no coordination).
+            self._interrupt = False
+            parts = min(self.threads, len(gens) // MIN_DECODE_SPLIT) or 1
+            for i in range(parts):
+                self._launch(loop, self._run_generations(loop, gens[i::parts]))
+        else:
+            self._launch(loop, self._run_batch(loop, gens, works, chunks))
+        return True
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, batch) -> None:
+        task = loop.create_task(batch)
         self._running.add(task)
         task.add_done_callback(self._batch_done)
-        return True
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._running.discard(task)
@@ -365,6 +396,48 @@ class Scheduler:
                 g.in_flight = False
                 g.finish("error")
 
+    async def _run_generations(self, loop, gens: list[Generation]) -> None:
+        """Generations alone, decoded back to back in the thread (decode.py); each
+        iteration's tokens reach their streams while the next iteration runs."""
+
+        def post(fed: np.ndarray, reasons: list, seconds: float) -> None:
+            loop.call_soon_threadsafe(self._deliver, gens, fed, reasons, seconds)
+
+        def should_stop() -> bool:
+            return self._interrupt or any(g.cancelled for g in gens)
+
+        try:
+            run: RunResult = await loop.run_in_executor(
+                self._executor, decode_run, self.engine, gens, post, should_stop)
+        except Exception as e:  # a bug in the run itself: nothing was fed, all fail
+            log.exception("%s: a decode run of %d failed", self.name, len(gens))
+            run = RunResult([g.row for g in gens], np.full(len(gens), -1), [None] * len(gens),
+                            0, e)
+        if run.error is not None:
+            log.error("%s: inference failed in a decode run of %d after %d iterations: %s",
+                      self.name, len(gens), run.iterations, run.error)
+        for i, gen in enumerate(gens):
+            gen.in_flight = False
+            gen.row = run.rows[i]
+            if run.reasons[i] is not None:
+                gen.finish(run.reasons[i])
+            elif run.error is not None:
+                gen.finish("error")
+            else:
+                gen.pending = int(run.pending[i])
+        self._active = [g for g in self._active if g.finish_reason is None]
+        # Runs that share the generations end together, so the next run takes them all.
+        self._interrupt = True
+
+    def _deliver(self, gens: list[Generation], fed: np.ndarray, reasons: list,
+                 seconds: float) -> None:
+        """One iteration of a decode run, on the event loop: its tokens become events."""
+        self.batches += 1
+        self.hooks.batch(len(gens), len(gens), seconds)
+        self.hooks.generated(len(gens))
+        for gen, token, reason in zip(gens, fed.tolist(), reasons, strict=True):
+            gen.emit_token(token, reason is not None)
+
     def _compute(self, inputs: list[np.ndarray], rows: list, kmax: int,
                  params: list, uniforms: np.ndarray) -> BatchOutput:
         """The worker thread's part: pad, run, split, and the per-row arithmetic."""
@@ -420,6 +493,7 @@ def make_scheduler(engine, settings, hooks: SchedulerHooks | None, name: str,
         max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk_tokens,
+        threads=settings.inference_threads,
         hooks=hooks,
         name=name,
     )

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         1024, ge=1, description="queued items per model version before answering 503 queue_full"
     )
+    inference_threads: int = Field(
+        2, ge=1, le=64,
+        description="inference threads per model version: batches (and halves of the running "
+        "generations) that run at once, each on one core",
+    )
     intra_op_threads: int = Field(
         1, ge=0, le=256, description="onnxruntime threads inside one operator (0: runtime default)"
     )

@@ -57,6 +57,10 @@ class StateLayout:
             feeds[spec.input] = np.ascontiguousarray(np.moveaxis(part, 0, spec.batch_axis))
         return feeds
 
+    def feeds_from(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's state outputs as the next call's state inputs (same batch, no copy)."""
+        return {spec.input: outputs[spec.output] for spec in self.states}
+
     def unstack(self, outputs: dict[str, np.ndarray], last_logits: np.ndarray) -> list[np.ndarray]:
         """One new row per batch row from the graph's state outputs and last-step logits."""
         n = last_logits.shape[0]

@@ -81,12 +81,14 @@ def greedy(tokens, n: int) -> list[int]:
 class FakeEngine:
     """Implements the Engine interface the scheduler uses: layout, vocab_size, infer."""
 
-    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+    def __init__(self, delay_s: float = 0.0, fail: bool = False,
+                 fail_after: int | None = None) -> None:
         self.manifest = fake_manifest()
         self.layout = StateLayout(STATES, V)
         self.vocab_size = V
         self.delay_s = delay_s
         self.fail = fail
+        self.fail_after = fail_after  # calls that succeed before every later one fails
         self.calls: list[list[int]] = []  # the lengths of each call's rows
         self.gate: threading.Event | None = None  # when set, infer waits for it
 
@@ -96,7 +98,7 @@ class FakeEngine:
             self.gate.wait(10)
         if self.delay_s:
             time.sleep(self.delay_s)
-        if self.fail:
+        if self.fail or (self.fail_after is not None and len(self.calls) > self.fail_after):
             raise RuntimeError("fake engine failure")
         assert tokens.dtype == np.int64 and lengths.min() >= 1, "no empty rows, int64 tokens"
         a = np.moveaxis(state["state_a"], 1, 0).astype(np.float64)  # (B, 2, 3)

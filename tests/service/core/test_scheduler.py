@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -352,3 +353,76 @@ def test_long_predictions_stay_batched_through_every_chunk():
     assert engine.calls == [[4, 4, 4, 4], [4, 4, 4, 4], [2, 2, 2, 2]]
     for x, r in zip(inputs, results, strict=True):
         np.testing.assert_allclose(r.row, reference_row(x.tolist()), rtol=0, atol=1e-4)
+
+
+def test_generations_alone_decode_on_while_the_event_loop_is_blocked():
+    # With nothing but generations to run, the inference thread goes from one iteration to
+    # the next by itself: a blocked event loop does not stop it (handing every iteration
+    # back to the loop would allow at most the two batches already in flight).
+    engine = FakeEngine(delay_s=0.001)
+
+    async def main():
+        s = await started(engine)
+        gens = [make_gen([i + 5], 30, f"g{i}") for i in range(3)]
+        for g in gens:
+            s.start_generation(g)
+        while not engine.calls:
+            await asyncio.sleep(0.001)
+        time.sleep(0.1)  # the event loop is blocked: no hand-over can happen
+        calls_while_blocked = len(engine.calls)
+        await asyncio.gather(*(g.done for g in gens))
+        await s.close()
+        return gens, calls_while_blocked
+
+    gens, calls_while_blocked = run(main())
+    assert calls_while_blocked >= 10
+    for i, g in enumerate(gens):
+        assert g.tokens == greedy([i + 5], 30) and g.finish_reason == "length"
+        np.testing.assert_allclose(g.row, reference_row([i + 5] + g.tokens), rtol=0, atol=1e-4)
+    assert all(len(c) == 3 for c in engine.calls)
+
+
+def test_many_generations_split_across_inference_threads_and_each_decodes_as_alone():
+    engine = FakeEngine()
+    n = 20  # more than two threads' minimum share each
+
+    async def main():
+        s = await started(engine, threads=2)
+        gens = [make_gen([i + 1, 2 * i + 3], 12, f"g{i}") for i in range(n)]
+        for g in gens:
+            s.start_generation(g)
+        await asyncio.gather(*(g.done for g in gens))
+        await s.close()
+        return gens
+
+    gens = run(main())
+    for i, g in enumerate(gens):
+        prompt = [i + 1, 2 * i + 3]
+        assert g.tokens == greedy(prompt, 12) and g.position == 2 + 12
+        np.testing.assert_allclose(g.row, reference_row(prompt + g.tokens), rtol=0, atol=1e-4)
+    assert sorted({len(c) for c in engine.calls}) == [10], "two halves, never one batch of 20"
+
+
+def test_inference_failing_mid_run_leaves_rows_matching_the_tokens_emitted():
+    engine = FakeEngine(fail_after=4)
+
+    async def main():
+        s = await started(engine)
+        gens = [make_gen([i + 1], 100, f"g{i}", stream=True) for i in range(2)]
+        for g in gens:
+            s.start_generation(g)
+        seen = {g.key: [] for g in gens}
+
+        async def consume(g):
+            async for events in g.events():
+                seen[g.key] += [e.token for e in events if hasattr(e, "token")]
+
+        await asyncio.gather(*(consume(g) for g in gens))
+        await s.close()
+        return gens, seen
+
+    gens, seen = run(main())
+    for i, g in enumerate(gens):
+        assert g.finish_reason == "error"
+        assert g.tokens == seen[g.key] == greedy([i + 1], 4)  # four good iterations
+        np.testing.assert_allclose(g.row, reference_row([i + 1] + g.tokens), rtol=0, atol=1e-4)
