@@ -160,7 +160,9 @@ def run(args) -> int:
     carousel_env = {"CAROUSEL_LOG_LEVEL": "warning",
                     # room for the memory scenario's sessions on top of the others'
                     "CAROUSEL_MAX_SESSIONS": str(2 * max(plan.memory_counts) + 10_000)}
-    carousel_env.update(kv.split("=", 1) for kv in args.carousel_setting)
+    for kv in args.carousel_setting:  # NAME=VALUE or CAROUSEL_NAME=VALUE, any case
+        name, _, value = kv.partition("=")
+        carousel_env["CAROUSEL_" + name.upper().removeprefix("CAROUSEL_")] = value
     model = resolve_model(args)
     try:
         return measure(args, plan, model, carousel_env, started)

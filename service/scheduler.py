@@ -4,9 +4,10 @@ Read `_loop` and `_start_batch` top to bottom: when there is work, start a batch
 active generation (one token each: continuous batching) plus queued work, up to
 `max_batch_size` rows; an idle inference thread first gives queued work up to
 `max_batch_delay` to gather. The batch runs as one onnxruntime call in an inference thread
-(`threads` of them, one onnxruntime call each at a time), then each row gets its result. One
-batch more than there are threads may be in flight: it waits in the threads' queue, so no
-thread idles while the event loop hands results back.
+(the first of `threads`), then each row gets its result. Up to two batches are in flight: the
+next one waits in the thread's queue, so the thread never idles while the event loop hands
+results back. (Running step batches on two threads at once was measured slower: the event
+loop, which reads and answers every step, loses its core.)
 
 When nothing but generations is running, the batch is a decode run instead (decode.py): the
 threads decode iteration after iteration by themselves, each its share of the generations,
@@ -107,9 +108,9 @@ class Scheduler:
         self._deadline: float | None = None  # perf_counter time that wakes it
         self._running: set[asyncio.Task] = set()  # batches in flight (at most two)
         self._stateless = 0  # work without a session (predictions) in the queue right now
-        self.threads = threads
-        self._max_running = threads + 1  # each thread busy and one batch ready to go
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"infer-{name}")
+        # Thread 0 runs every batch, one at a time; generations alone are split over all.
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}-{i}")
+                           for i in range(threads)]
         self._task: asyncio.Task | None = None
         self._closed = False
         self._gens_yielded = False  # the last iteration left the generations out
@@ -182,7 +183,8 @@ class Scheduler:
         for gen in self._active:
             gen.finish("shutdown")
         self._active.clear()
-        self._executor.shutdown(wait=False)
+        for executor in self._executors:
+            executor.shutdown(wait=False)
 
     # ---------------------------------------------------------------- the loop
 
@@ -195,11 +197,11 @@ class Scheduler:
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Start the next batch if it should start now; else say what to wake up for.
 
-        One batch more than there are threads may be in flight: it waits in the threads'
-        queue and starts the moment one ends, with no hand-over through the event loop
-        (which costs ~1 ms of thread wake-up and GIL wait per batch on a busy machine)."""
+        Two batches may be in flight: the second waits in the inference thread's queue and
+        starts the moment the first ends, with no hand-over through the event loop (which
+        costs ~1 ms of thread wake-up and GIL wait per batch on a busy machine)."""
         self._wake_at, self._deadline = 1, None
-        if len(self._running) >= self._max_running:
+        if len(self._running) >= 2:
             self._wake_at = math.inf  # only a finished batch wakes the loop
             return False
         ready_gens = any(not g.in_flight for g in self._active)
@@ -239,9 +241,9 @@ class Scheduler:
             # Every generation and nothing else: the threads decode until they are needed,
             # each thread its share of the generations (one core each, no coordination).
             self._interrupt = False
-            parts = min(self.threads, len(gens) // MIN_DECODE_SPLIT) or 1
+            parts = min(len(self._executors), len(gens) // MIN_DECODE_SPLIT) or 1
             for i in range(parts):
-                self._launch(loop, self._run_generations(loop, gens[i::parts]))
+                self._launch(loop, self._run_generations(loop, gens[i::parts], i))
         else:
             self._launch(loop, self._run_batch(loop, gens, works, chunks))
         return True
@@ -372,7 +374,7 @@ class Scheduler:
         params = [g.params for g in gens]
         try:
             out: BatchOutput = await loop.run_in_executor(
-                self._executor, self._compute, inputs, rows, kmax, params, uniforms)
+                self._executors[0], self._compute, inputs, rows, kmax, params, uniforms)
         except Exception as e:  # onnxruntime failed: every row of the batch fails with it
             log.exception("%s: inference failed on a batch of %d", self.name, len(rows))
             err = InferenceFailed(f"inference failed: {e}")
@@ -396,7 +398,7 @@ class Scheduler:
                 g.in_flight = False
                 g.finish("error")
 
-    async def _run_generations(self, loop, gens: list[Generation]) -> None:
+    async def _run_generations(self, loop, gens: list[Generation], thread: int) -> None:
         """Generations alone, decoded back to back in the thread (decode.py); each
         iteration's tokens reach their streams while the next iteration runs."""
 
@@ -408,7 +410,7 @@ class Scheduler:
 
         try:
             run: RunResult = await loop.run_in_executor(
-                self._executor, decode_run, self.engine, gens, post, should_stop)
+                self._executors[thread], decode_run, self.engine, gens, post, should_stop)
         except Exception as e:  # a bug in the run itself: nothing was fed, all fail
             log.exception("%s: a decode run of %d failed", self.name, len(gens))
             run = RunResult([g.row for g in gens], np.full(len(gens), -1), [None] * len(gens),

@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     )
     inference_threads: int = Field(
         2, ge=1, le=64,
-        description="inference threads per model version: batches (and halves of the running "
-        "generations) that run at once, each on one core",
+        description="inference threads per model version: generations running alone are "
+        "decoded in this many parts at once, one core each (other batches use one thread)",
     )
     intra_op_threads: int = Field(
         1, ge=0, le=256, description="onnxruntime threads inside one operator (0: runtime default)"
