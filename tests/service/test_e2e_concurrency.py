@@ -132,3 +132,42 @@ def test_full_queue_answers_503_and_changes_nothing(start_server, tiny_repo, api
         assert api.position(sid) == len(history)
         out = api.step(sid, text="!", return_logits=True)
         check.logits(out["logits"], tiny["tinylstm"].last(history + "!"), f"{sid} after")
+
+
+# ------------------------------------------------------------------------ generations
+
+GENERATIONS = 24  # enough for the decode run to be split across the inference threads
+
+
+async def generate_all(url: str, sids: list[str], bodies: list[dict]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(sids), max_keepalive_connections=len(sids))
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120,
+                                 trust_env=False) as client:
+        return await asyncio.gather(*(
+            client.post(f"/v1/sessions/{sid}/generate", json=body)
+            for sid, body in zip(sids, bodies, strict=True)))
+
+
+def test_concurrent_generations_each_generate_what_they_generate_alone(api, server, tiny,
+                                                                      check):
+    """24 seeded generations at once (mixed sampling options, different lengths, so they
+    end at different iterations) give the tokens each gives alone, and every session's
+    state afterwards is exactly its prompt plus its generated tokens (PyTorch's logits)."""
+    primes = [f"g{i}: once upon" for i in range(GENERATIONS)]
+    together = [api.create_session("tinylstm", text=p)["session_id"] for p in primes]
+    alone = [api.fork(sid)["session_id"] for sid in together]
+    bodies = [{"max_tokens": 30 + 3 * i, "seed": i, "temperature": 0.7 + 0.1 * (i % 4),
+               "top_k": (0, 5, 1)[i % 3]} for i in range(GENERATIONS)]
+    solo = [api.generate(sid, **body) for sid, body in zip(alone, bodies, strict=True)]
+    mixed = asyncio.run(generate_all(server.url, together, bodies))
+
+    for i, (sid, prime, body, a, resp) in enumerate(
+            zip(together, primes, bodies, solo, mixed, strict=True)):
+        assert resp.status_code == 200, resp.text
+        b = resp.json()
+        assert b["tokens"] == a["tokens"], f"generation {i}: together differs from alone"
+        assert len(b["tokens"]) == body["max_tokens"] and b["finish_reason"] == "length"
+        history = encode(prime) + b["tokens"]
+        assert api.position(sid) == len(history)
+        out = api.step(sid, tokens=[33], return_logits=True)
+        check.logits(out["logits"], tiny["tinylstm"].last(history + [33]), f"generation {i}")
