@@ -205,12 +205,14 @@ class Scheduler:
             self._wake_at = math.inf  # only a finished batch wakes the loop
             return False
         ready_gens = any(not g.in_flight for g in self._active)
-        if (ready_gens and not self._queue and self._running
-                and len(self._active) <= self.max_batch_size):
-            # Generations only: those waiting join the ones in flight when that batch ends,
-            # so all of them decode together in one run (decode.py) instead of splitting
-            # into two batches that alternate for good.
-            return False
+        if ready_gens and not self._queue:
+            if self._running:
+                # Generations only: those waiting join the ones in flight when that batch
+                # ends, so all of them decode together in one run instead of splitting
+                # into two batches that alternate for good.
+                return False
+            self._start_decode(loop)
+            return True
         if not ready_gens:
             if not self._queue:
                 return False
@@ -237,16 +239,24 @@ class Scheduler:
             return False
         for g in gens:
             g.in_flight = True
-        if gens and not works and not self._queue and len(gens) == len(self._active):
-            # Every generation and nothing else: the threads decode until they are needed,
-            # each thread its share of the generations (one core each, no coordination).
-            self._interrupt = False
-            parts = min(len(self._executors), len(gens) // MIN_DECODE_SPLIT) or 1
-            for i in range(parts):
-                self._launch(loop, self._run_generations(loop, gens[i::parts], i))
-        else:
-            self._launch(loop, self._run_batch(loop, gens, works, chunks))
+        self._launch(loop, self._run_batch(loop, gens, works, chunks))
         return True
+
+    def _start_decode(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every generation and nothing else: the threads decode until they are needed
+        (decode.py), each thread its share of the generations (one core each, no
+        coordination), in calls of at most `max_batch_size` rows taken in turn."""
+        self._drop_cancelled()
+        gens = self._active
+        if not gens:
+            return
+        self._interrupt = False
+        parts = min(len(self._executors), len(gens) // MIN_DECODE_SPLIT) or 1
+        for i in range(parts):
+            share = gens[i::parts]
+            for g in share:
+                g.in_flight = True
+            self._launch(loop, self._run_generations(loop, share, i))
 
     def _launch(self, loop: asyncio.AbstractEventLoop, batch) -> None:
         task = loop.create_task(batch)
@@ -297,11 +307,14 @@ class Scheduler:
         half = -(-self._expected_sources(now) // 2)
         return min(self.max_batch_size, max(1, half, self._stateless))
 
-    def _take_generations(self) -> list[Generation]:
+    def _drop_cancelled(self) -> None:
         for gen in [g for g in self._active if g.cancelled and not g.in_flight]:
             # Left between iterations: the pending token was never fed, so it is dropped.
             gen.finish("cancelled")
         self._active = [g for g in self._active if g.finish_reason is None]
+
+    def _take_generations(self) -> list[Generation]:
+        self._drop_cancelled()
         ready = [g for g in self._active if not g.in_flight]
         room = self.max_batch_size
         if self._queue:  # keep room for queued work so steps never starve behind generations
@@ -402,15 +415,17 @@ class Scheduler:
         """Generations alone, decoded back to back in the thread (decode.py); each
         iteration's tokens reach their streams while the next iteration runs."""
 
-        def post(fed: np.ndarray, reasons: list, seconds: float) -> None:
-            loop.call_soon_threadsafe(self._deliver, gens, fed, reasons, seconds)
+        def post(group: list[Generation], fed: np.ndarray, reasons: list,
+                 seconds: float) -> None:
+            loop.call_soon_threadsafe(self._deliver, group, fed, reasons, seconds)
 
         def should_stop() -> bool:
             return self._interrupt or any(g.cancelled for g in gens)
 
         try:
             run: RunResult = await loop.run_in_executor(
-                self._executors[thread], decode_run, self.engine, gens, post, should_stop)
+                self._executors[thread], decode_run, self.engine, gens, post, should_stop,
+                self.max_batch_size)
         except Exception as e:  # a bug in the run itself: nothing was fed, all fail
             log.exception("%s: a decode run of %d failed", self.name, len(gens))
             run = RunResult([g.row for g in gens], np.full(len(gens), -1), [None] * len(gens),

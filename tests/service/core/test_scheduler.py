@@ -426,3 +426,24 @@ def test_inference_failing_mid_run_leaves_rows_matching_the_tokens_emitted():
         assert g.finish_reason == "error"
         assert g.tokens == seen[g.key] == greedy([i + 1], 4)  # four good iterations
         np.testing.assert_allclose(g.row, reference_row([i + 1] + g.tokens), rtol=0, atol=1e-4)
+
+
+def test_more_generations_than_a_batch_take_turns_in_calls_of_at_most_a_batch():
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine, max_batch_size=4)
+        gens = [make_gen([i + 2], 9, f"g{i}") for i in range(10)]
+        for g in gens:
+            s.start_generation(g)
+        await asyncio.gather(*(g.done for g in gens))
+        await s.close()
+        return gens
+
+    gens = run(main())
+    for i, g in enumerate(gens):
+        assert g.tokens == greedy([i + 2], 9) and g.finish_reason == "length"
+        np.testing.assert_allclose(g.row, reference_row([i + 2] + g.tokens), rtol=0, atol=1e-4)
+    assert max(len(c) for c in engine.calls) == 4
+    # Every generation is fed exactly its own tokens, in calls of at most four rows.
+    assert sum(len(c) for c in engine.calls) == 10 * 9
