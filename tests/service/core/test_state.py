@@ -28,8 +28,10 @@ def test_unstacked_rows_are_independent_copies():
     feeds = layout.stack([None, None])
     rows = layout.unstack({"state_a_out": feeds["state_a"], "state_b_out": feeds["state_b"]},
                           np.zeros((2, V), dtype=np.float32))
-    assert rows[0].base is None and rows[1].base is None  # no row pins a batch array
-    assert rows[0].nbytes == 4 * (6 + 4 + V)
+    for row in rows:  # no row pins a batch array: each owns exactly its own bytes
+        assert isinstance(row.base, bytes) and len(row.base) == row.nbytes == 4 * (6 + 4 + V)
+        assert not row.flags.writeable  # rows are never changed in place
+    assert not np.shares_memory(rows[0], rows[1])
 
 
 def test_a_missing_row_is_zero_state():
