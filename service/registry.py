@@ -55,7 +55,7 @@ class Registry:
 
     @classmethod
     def load(cls, repository: Path, *, intra_op_threads: int = 1,
-             inter_op_threads: int = 1) -> Registry:
+             inter_op_threads: int = 1, wide_threads: int = 0) -> Registry:
         """Load every version (blocking: onnxruntime sessions are built here). A broken
         version stops start-up with a ManifestError that names its file."""
         repository = Path(repository)
@@ -70,7 +70,7 @@ class Registry:
                     continue
                 manifest = read_manifest(version_dir)
                 engine = Engine(manifest, intra_op_threads=intra_op_threads,
-                                inter_op_threads=inter_op_threads)
+                                inter_op_threads=inter_op_threads, wide_threads=wide_threads)
                 engine.warm_up()
                 log.info("loaded %s version %d (%s)", manifest.name, manifest.version,
                          manifest.graph_file)

@@ -38,7 +38,7 @@ class Service:
             # onnxruntime sessions take a moment to build: keep the loop free meanwhile.
             self.registry = await asyncio.to_thread(
                 Registry.load, s.model_repository, intra_op_threads=s.intra_op_threads,
-                inter_op_threads=s.inter_op_threads)
+                inter_op_threads=s.inter_op_threads, wide_threads=s.inference_threads)
         if self.store is None:
             self.store = open_store(s.store_url)
 

@@ -467,8 +467,11 @@ class Scheduler:
             for i, x in enumerate(inputs):
                 tokens[i, : len(x)] = x
         state = self.layout.stack(rows)
+        # A prefill is long and rows cannot split it across threads: the engine's wide
+        # session runs it on all of them (decode steps at batch 1 gained nothing: measured).
+        wide = longest > 1
         t0 = time.perf_counter()
-        last, outputs = self.engine.infer(tokens, lengths, state)
+        last, outputs = self.engine.infer(tokens, lengths, state, wide)
         seconds = time.perf_counter() - t0
         new_rows = self.layout.unstack(outputs, last)
         g = len(params)

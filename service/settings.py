@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     inference_threads: int = Field(
         2, ge=1, le=64,
         description="inference threads per model version: generations running alone are "
-        "decoded in this many parts at once, one core each (other batches use one thread)",
+        "decoded in this many parts at once, one core each, and a long input's prefill runs "
+        "on this many onnxruntime threads (steps are batched on one thread)",
     )
     intra_op_threads: int = Field(
         1, ge=0, le=256, description="onnxruntime threads inside one operator (0: runtime default)"

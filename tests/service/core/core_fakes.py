@@ -90,10 +90,12 @@ class FakeEngine:
         self.fail = fail
         self.fail_after = fail_after  # calls that succeed before every later one fails
         self.calls: list[list[int]] = []  # the lengths of each call's rows
+        self.wide: list[bool] = []  # whether each call asked for the wide session
         self.gate: threading.Event | None = None  # when set, infer waits for it
 
-    def infer(self, tokens, lengths, state):
+    def infer(self, tokens, lengths, state, wide=False):
         self.calls.append([int(n) for n in lengths])
+        self.wide.append(wide)
         if self.gate is not None:
             self.gate.wait(10)
         if self.delay_s:

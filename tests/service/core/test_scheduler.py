@@ -447,3 +447,21 @@ def test_more_generations_than_a_batch_take_turns_in_calls_of_at_most_a_batch():
     assert max(len(c) for c in engine.calls) == 4
     # Every generation is fed exactly its own tokens, in calls of at most four rows.
     assert sum(len(c) for c in engine.calls) == 10 * 9
+
+
+def test_prefills_ask_for_the_wide_session_and_decode_steps_do_not():
+    # Rows cannot split a long input across threads: it runs on every thread in one call.
+    # Decode steps are split by rows instead and stay on the one-thread session.
+    engine = FakeEngine()
+
+    async def main():
+        s = await started(engine, max_batch_delay_s=0.02)
+        await submit(s, "alone", tokens(5))
+        await submit(s, "long", tokens(*range(1, 40)))
+        await asyncio.gather(*(submit(s, f"s{i}", tokens(i + 1)) for i in range(8)))
+        await s.close()
+
+    run(main())
+    calls = list(zip(engine.calls, engine.wide, strict=True))
+    assert calls[:2] == [([1], False), ([39], True)]
+    assert all(not wide for _, wide in calls[2:]) and len(calls) > 2
