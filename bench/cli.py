@@ -70,13 +70,13 @@ def server_threads(carousel_env: dict) -> dict:
         from carousel.service.settings import Settings
     except ImportError:
         return {"intra_op_threads": 1, "inter_op_threads": 1, "inference_threads": 1,
-                "note": "service not importable"}
+                "spinning": False, "note": "service not importable"}
     # Our overrides as init arguments (they win over the environment, as in the server).
     settings = Settings(**{k.removeprefix("CAROUSEL_").lower(): v
                            for k, v in carousel_env.items()})
     return {"intra_op_threads": settings.intra_op_threads,
             "inter_op_threads": settings.inter_op_threads,
-            "inference_threads": settings.inference_threads}
+            "inference_threads": settings.inference_threads, "spinning": False}
 
 
 def log(text: str) -> None:

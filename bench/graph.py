@@ -78,12 +78,17 @@ def export_random_model(name: str = "bytelm") -> ModelVersion:
     return ModelVersion(found.repository, name, 1, found.manifest, random_weights=True)
 
 
-def session_options(intra_op_threads: int | None, inter_op_threads: int | None):
+def session_options(intra_op_threads: int | None, inter_op_threads: int | None,
+                    spinning: bool | None = None):
     options = ort.SessionOptions()
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
     if inter_op_threads is not None:
         options.inter_op_num_threads = inter_op_threads
+    if spinning is not None:  # carousel turns spinning off; onnxruntime's default is on
+        flag = "1" if spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        options.add_session_config_entry("session.inter_op.allow_spinning", flag)
     return options
 
 
@@ -91,11 +96,11 @@ class GraphRunner:
     """One onnxruntime session on a model version, with state handled per the manifest."""
 
     def __init__(self, model: ModelVersion, intra_op_threads: int | None = None,
-                 inter_op_threads: int | None = None):
+                 inter_op_threads: int | None = None, spinning: bool | None = None):
         self.model = model
         self.session = ort.InferenceSession(
             str(model.folder / model.manifest["graph"]["file"]),
-            sess_options=session_options(intra_op_threads, inter_op_threads),
+            sess_options=session_options(intra_op_threads, inter_op_threads, spinning),
             providers=["CPUExecutionProvider"],
         )
         self.pairs = [(p["input"], p["output"], p["batch_axis"], p["shape"], p["dtype"])
