@@ -1,6 +1,7 @@
-"""One onnxruntime session per model version, and the call that runs a padded batch.
+"""The onnxruntime sessions of one model version (batches; wide prefills), and the call that
+runs a padded batch.
 
-`Engine.infer` is synchronous and called from the scheduler's worker thread, so the event
+`Engine.infer` is synchronous and called from the scheduler's inference threads, so the event
 loop never waits on onnxruntime. It knows tensors only by the manifest's names: tokens,
 lengths, logits and the listed state pairs. No model architecture is known here.
 """
