@@ -43,7 +43,7 @@ def list_files(paths: list[str | Path] | None) -> tuple[list[Path], str]:
         else:
             raise FileNotFoundError(f"corpus path not found: {p}")
     if not files:
-        raise ValueError(f"no text files found in {', '.join(map(str, paths))}")
+        raise CorpusError(f"no text files found in {', '.join(map(str, paths))}")
     return files, "files: " + ", ".join(map(str, paths))
 
 
@@ -53,6 +53,10 @@ def is_validation(path: Path, fraction: float = 0.1) -> bool:
     and validation text is never trained on."""
     key = f"{path.parent.name}/{path.name}".encode()
     return zlib.crc32(key) % 1000 < fraction * 1000
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be used as given (the message says why)."""
 
 
 @dataclass
@@ -92,7 +96,8 @@ class StreamBatches:
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int):
         if len(data) < batch_size * 2:
-            raise ValueError(f"corpus of {len(data)} bytes is too small for batch {batch_size}")
+            raise CorpusError(f"{len(data)} bytes of text are too few for {batch_size} parallel "
+                              f"rows (at least {2 * batch_size} needed)")
         self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
         # Cut points spread evenly, nudged to a newline so rows start at line starts;
         # row b covers data[starts[b] : starts[b + 1]].

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,10 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import PAD_TARGET, Corpus, StreamBatches, load_corpus
+from .data import PAD_TARGET, Corpus, CorpusError, StreamBatches, load_corpus
 from .model import VARIANTS, LanguageModel, ModelConfig
 
 LN2 = math.log(2)
+
+
+class TrainError(ValueError):
+    """Training cannot start as asked (the message says what to change)."""
 
 
 @dataclass
@@ -150,6 +155,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume: str | None = None,
     tokens_seen = 0
     if resume:
         ckpt = load_checkpoint(resume)
+        saved_batch = ckpt["train_config"]["batch_size"]
+        if saved_batch != cfg.batch_size:  # the carried state has one row per stream
+            raise TrainError(
+                f"{resume} was trained with --batch-size {saved_batch} and carries the state "
+                f"of {saved_batch} parallel rows; resume with --batch-size {saved_batch}")
         model = model_from_checkpoint(ckpt)
         # The checkpoint's architecture wins over the options given: saving these weights
         # under another config would write a checkpoint that no longer loads.
@@ -310,7 +320,11 @@ def run(args) -> int:
         train_cfg.progress = False
     print(f"training {model_cfg.variant} {model_cfg.num_layers}x{model_cfg.hidden_size} "
           f"({LanguageModel(model_cfg).num_parameters():,} parameters) into {train_cfg.out_dir}")
-    metrics = train(model_cfg, train_cfg, resume=args.resume)
+    try:
+        metrics = train(model_cfg, train_cfg, resume=args.resume)
+    except (TrainError, CorpusError, FileNotFoundError) as e:
+        print(f"carousel train: {e}", file=sys.stderr)
+        return 2
     print(f"validation bits per byte: {metrics['val_bpb']:.4f} "
           f"({metrics['steps']} steps, {metrics['tokens_seen']:,} tokens, "
           f"{metrics['seconds']:.0f} s); wrote {train_cfg.out_dir}/checkpoint.pt")

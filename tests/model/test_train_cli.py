@@ -76,3 +76,25 @@ def test_tiny_preset_trains_and_writes_checkpoint_metrics_and_curve(text_corpus,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 9
     assert [s for s, _ in metrics["history"]["train"]] == list(range(1, 10))
+
+    # resuming with another batch size is refused with what to change, not a traceback
+    result = carousel("train", "--preset", "tiny", "--corpus", str(text_corpus),
+                      "--out-dir", str(out), "--max-steps", "12", "--hidden-size", "24",
+                      "--batch-size", "3", "--threads", "1", "--no-progress",
+                      "--resume", str(out / "checkpoint.pt"), cwd=tmp_path)
+    saved_batch = PRESETS["tiny"][1].batch_size
+    assert result.returncode == 2, result.stderr
+    assert f"resume with --batch-size {saved_batch}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 9  # nothing was overwritten
+
+
+def test_unusable_inputs_exit_2_with_the_reason(tmp_path):
+    (tmp_path / "small.txt").write_text("tiny")
+    for args, reason in ((["--corpus", str(tmp_path / "missing")], "corpus path not found"),
+                         (["--corpus", str(tmp_path / "small.txt")], "too few"),
+                         (["--resume", str(tmp_path / "none.pt")], "none.pt")):
+        result = carousel("train", "--preset", "tiny", "--out-dir", str(tmp_path / "run"),
+                          "--threads", "1", "--no-progress", *args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert reason in result.stderr and "Traceback" not in result.stderr, result.stderr
