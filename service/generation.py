@@ -71,8 +71,6 @@ class Generation:
         self.start_position = position
         self.params = params
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.max_tokens = max_tokens
-        self.stop = stop
         self.rule = StopRule(max_tokens, stop)  # checked by whoever runs the iteration
         self.tokens: list[int] = []  # fed and emitted
         self.pending: int = -1  # sampled, to be fed next iteration

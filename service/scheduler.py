@@ -106,7 +106,8 @@ class Scheduler:
         self._wake: asyncio.Future | None = None  # set while the loop sleeps
         self._wake_at: float = 1  # queue length that wakes the sleeping loop
         self._deadline: float | None = None  # perf_counter time that wakes it
-        self._running: set[asyncio.Task] = set()  # batches in flight (at most two)
+        # Batches in flight: two at most, or one decode run part per thread.
+        self._running: set[asyncio.Task] = set()
         self._stateless = 0  # work without a session (predictions) in the queue right now
         # Thread 0 runs every batch, one at a time; generations alone are split over all.
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}-{i}")
@@ -311,6 +312,9 @@ class Scheduler:
         for gen in [g for g in self._active if g.cancelled and not g.in_flight]:
             # Left between iterations: the pending token was never fed, so it is dropped.
             gen.finish("cancelled")
+        self._prune_finished()
+
+    def _prune_finished(self) -> None:
         self._active = [g for g in self._active if g.finish_reason is None]
 
     def _take_generations(self) -> list[Generation]:
@@ -442,7 +446,7 @@ class Scheduler:
                 gen.finish("error")
             else:
                 gen.pending = int(run.pending[i])
-        self._active = [g for g in self._active if g.finish_reason is None]
+        self._prune_finished()
         # Runs that share the generations end together, so the next run takes them all.
         self._interrupt = True
 
@@ -489,7 +493,7 @@ class Scheduler:
         if g:
             self.hooks.generated(g)
             if finished:
-                self._active = [x for x in self._active if x.finish_reason is None]
+                self._prune_finished()
         unfinished: list[Work] = []
         for j, (w, chunk) in enumerate(zip(works, chunks, strict=True)):
             row = out.rows[g + j]
