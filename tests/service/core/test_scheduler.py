@@ -214,22 +214,30 @@ def make_gen(prompt, max_tokens, key, **kw) -> Generation:
                       max_tokens=max_tokens, **kw)
 
 
+def generate_together(engine, make_gens, **kw) -> list[Generation]:
+    """Start the generations `make_gens()` builds, all at once, on a fresh scheduler; return
+    them once every one has finished."""
+
+    async def main():
+        s = await started(engine, **kw)
+        gens = make_gens()
+        for g in gens:
+            s.start_generation(g)
+        await asyncio.gather(*(g.done for g in gens))
+        await s.close()
+        return gens
+
+    return run(main())
+
+
 def test_generations_batch_continuously_and_each_decodes_as_alone():
     engine = FakeEngine()
     prompts = {"g1": [10, 20], "g2": [30], "g3": [40, 50, 60]}
     lengths = {"g1": 3, "g2": 6, "g3": 4}
 
-    async def main():
-        s = await started(engine)
-        gens = {k: make_gen(p, lengths[k], k) for k, p in prompts.items()}
-        for g in gens.values():
-            s.start_generation(g)
-        await asyncio.gather(*(g.done for g in gens.values()))
-        await s.close()
-        return gens
-
-    gens = run(main())
-    for key, g in gens.items():
+    gens = generate_together(engine, lambda: [make_gen(p, lengths[k], k)
+                                              for k, p in prompts.items()])
+    for key, g in zip(prompts, gens, strict=True):
         assert g.tokens == greedy(prompts[key], lengths[key]), key
         assert g.finish_reason == "length" and g.position == len(prompts[key]) + lengths[key]
         np.testing.assert_allclose(g.row, reference_row(prompts[key] + g.tokens),
@@ -386,16 +394,9 @@ def test_many_generations_split_across_inference_threads_and_each_decodes_as_alo
     engine = FakeEngine()
     n = 20  # more than two threads' minimum share each
 
-    async def main():
-        s = await started(engine, threads=2)
-        gens = [make_gen([i + 1, 2 * i + 3], 12, f"g{i}") for i in range(n)]
-        for g in gens:
-            s.start_generation(g)
-        await asyncio.gather(*(g.done for g in gens))
-        await s.close()
-        return gens
-
-    gens = run(main())
+    gens = generate_together(
+        engine, lambda: [make_gen([i + 1, 2 * i + 3], 12, f"g{i}") for i in range(n)],
+        threads=2)
     for i, g in enumerate(gens):
         prompt = [i + 1, 2 * i + 3]
         assert g.tokens == greedy(prompt, 12) and g.position == 2 + 12
@@ -431,16 +432,8 @@ def test_inference_failing_mid_run_leaves_rows_matching_the_tokens_emitted():
 def test_more_generations_than_a_batch_take_turns_in_calls_of_at_most_a_batch():
     engine = FakeEngine()
 
-    async def main():
-        s = await started(engine, max_batch_size=4)
-        gens = [make_gen([i + 2], 9, f"g{i}") for i in range(10)]
-        for g in gens:
-            s.start_generation(g)
-        await asyncio.gather(*(g.done for g in gens))
-        await s.close()
-        return gens
-
-    gens = run(main())
+    gens = generate_together(engine, lambda: [make_gen([i + 2], 9, f"g{i}") for i in range(10)],
+                             max_batch_size=4)
     for i, g in enumerate(gens):
         assert g.tokens == greedy([i + 2], 9) and g.finish_reason == "length"
         np.testing.assert_allclose(g.row, reference_row([i + 2] + g.tokens), rtol=0, atol=1e-4)
