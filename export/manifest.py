@@ -1,6 +1,6 @@
 """manifest.json: the one description of a model version the service reads besides the graph.
 
-The schema is export/manifest.schema.json; the tests validate every bundled manifest with it.
+The schema is service/manifest.schema.json; the tests validate every bundled manifest with it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .names import (
 )
 
 MANIFEST_VERSION = 1
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 TOOLS = ("onnx", "onnxruntime", "torch", "numpy")
 
 
@@ -121,4 +120,7 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
+    """The one manifest schema, kept beside its reader (the service): export writes what it reads."""
+    from carousel.service.manifest import load_schema as service_schema
+
+    return service_schema()
