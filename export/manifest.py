@@ -24,7 +24,7 @@ from .names import (
     state_output,
 )
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 TOOLS = ("onnx", "onnxruntime", "torch", "numpy")
 
 
@@ -96,10 +96,15 @@ def build_manifest(
             "vocab_size": config.vocab_size,
             "parameters": parameters,
         },
+        "description": f"byte-level {config.variant} language model",
         "tokenizer": {"type": "bytes", "encoding": "utf-8", "vocab_size": config.vocab_size},
         "inputs": inputs,
         "outputs": outputs,
         "state": state,
+        "constants": [],
+        "sequence": {"axis": TIME, "lengths": LENGTHS},
+        "adapter": {"type": "byte_lm", "tokens": TOKENS, "logits": LOGITS},
+        "source": {"kind": "export"},
         "opset": OPSET,
         "graph": {"file": graph_path.name, "sha256": sha256_file(graph_path),
                   "bytes": graph_path.stat().st_size},
@@ -120,7 +125,7 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_schema() -> dict:
-    """The one manifest schema, kept beside its reader (the service): export writes what it reads."""
+    """The one manifest schema, beside its reader (the service): export writes what it reads."""
     from carousel.service.manifest import load_schema as service_schema
 
     return service_schema()

@@ -1,4 +1,5 @@
-"""HTTP routes (v1). Thin: read and validate the body, call the core, shape the answer.
+"""HTTP routes (v1). Thin: read the body, call the data plane (dataplane.py), which
+validates, runs and shapes the answer; render it.
 
 These are plain Starlette routes (`ROUTES`, mounted first by app.py) rather than FastAPI
 path operations: a step is the hot path, and FastAPI's per-request dependency solving and
@@ -10,24 +11,21 @@ are validated by the pydantic models in schemas.py, which also document each rou
 from __future__ import annotations
 
 import asyncio
-import secrets
 from dataclasses import dataclass
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from . import views
-from .errors import InvalidInput, RequestTooLarge, TooManyTokens
+from .dataplane import DataPlane
+from .errors import RequestTooLarge
 from .runtime import Service
-from .sampling import SamplingParams
 from .schemas import (
     CreateSessionRequest,
     ForkRequest,
     GenerateRequest,
     PredictRequest,
     StepRequest,
-    parse,
-    to_tokens,
 )
 
 
@@ -60,6 +58,10 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+def plane(request: Request) -> DataPlane:
+    return request.app.state.service.plane
+
+
 def json_response(obj, status: int = 200) -> Response:
     return Response(views.dumps(obj), status_code=status, media_type="application/json")
 
@@ -77,102 +79,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read(request: Request, model: type):
-    svc = service(request)
-    svc.check_accepting()
-    return parse(model, await read_body(request, svc.settings.max_body_bytes))
-
-
-def generation_args(req: GenerateRequest, max_generate_tokens: int) -> dict:
-    """Keyword arguments for SessionManager.start_generation (seed included)."""
-    if req.max_tokens > max_generate_tokens:
-        raise InvalidInput(f"max_tokens: at most {max_generate_tokens} per generation")
-    stop = tuple(s.encode("utf-8", errors="surrogatepass") for s in (req.stop or ()))
-    if any(not s for s in stop):
-        raise InvalidInput("stop: stop strings must not be empty")
-    seed = req.seed if req.seed is not None else secrets.randbits(63)
-    return {
-        "params": SamplingParams(req.temperature, req.top_k, req.top_p),
-        "seed": seed,
-        "max_tokens": req.max_tokens,
-        "stop": stop,
-        "stream": req.stream,
-    }
-
-
 # ---------------------------------------------------------------------------- models
 
 
 @route("GET", "/v1/models", "Every model and version", tag="models")
 async def list_models(request: Request) -> Response:
-    registry = service(request).registry
-    models = []
-    for name in registry.names():
-        latest = registry.get(name).version
-        for mv in registry.versions_of(name):
-            models.append({**mv.manifest.essentials(), "latest": mv.version == latest})
-    return json_response({"models": models})
+    return json_response(plane(request).list_models())
 
 
 @route("GET", "/v1/models/{name}", "One model version (latest unless ?version=N)",
        tag="models", query=("version",))
 async def get_model(request: Request) -> Response:
-    name = request.path_params["name"]
-    registry = service(request).registry
-    mv = registry.get(name, _version_param(request))
-    versions = [v.version for v in registry.versions_of(name)]
-    return json_response({**mv.manifest.essentials(), "latest": mv.version == versions[-1],
-                          "versions": versions})
-
-
-def _version_param(request: Request) -> int | None:
-    raw = request.query_params.get("version")
-    if raw is None:
-        return None
-    if not raw.isdigit():
-        raise InvalidInput(f"version must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    return json_response(plane(request).describe_model(
+        request.path_params["name"], request.query_params.get("version")))
 
 
 @route("POST", "/v1/models/{name}/predict",
        "Stateless next-token prediction for one input or a batch", tag="models",
        body=PredictRequest, query=("version",))
 async def predict(request: Request) -> Response:
-    name = request.path_params["name"]
-    svc = service(request)
-    req: PredictRequest = await read(request, PredictRequest)
-    s = svc.settings
-    if req.inputs is not None:
-        if req.text is not None or req.tokens is not None:
-            raise InvalidInput("send either inputs or a single text/tokens, not both")
-        if not req.inputs:
-            raise InvalidInput("inputs: send at least one input")
-        if len(req.inputs) > s.max_predict_inputs:
-            raise RequestTooLarge(
-                f"{len(req.inputs)} inputs; the limit is {s.max_predict_inputs} per request")
-        items = [(i.text, i.tokens) for i in req.inputs]
-    else:
-        items = [(req.text, req.tokens)]
-    budget = s.max_tokens_per_request
-    inputs = []
-    for text, tokens in items:
-        x = to_tokens(text, tokens, required=True, limit=s.max_tokens_per_request)
-        budget -= len(x)
-        if budget < 0:
-            raise TooManyTokens(f"the inputs are over {s.max_tokens_per_request} tokens in all")
-        inputs.append(x)
-    query_version = _version_param(request)
-    if req.version is not None and query_version is not None and req.version != query_version:
-        raise InvalidInput(f"version {req.version} in the body but {query_version} in the URL")
-    mv = svc.registry.get(name, req.version if req.version is not None else query_version)
-    request.scope["carousel.model"] = mv.name
-    answers = await svc.sessions.predict(mv, inputs, req.top_k)
-    outputs = []
-    for x, answer in zip(inputs, answers, strict=True):
-        fields = views.answer_fields(answer, req.return_logits)
-        del fields["position"]
-        outputs.append({"length": len(x), **fields})
-    return json_response({"model": mv.name, "version": mv.version, "outputs": outputs})
+    dp = plane(request)
+    body = await read_body(request, dp.settings.max_body_bytes)
+    out = await dp.predict(request.path_params["name"], body,
+                           request.query_params.get("version"))
+    request.scope["carousel.model"] = out["model"]
+    return json_response(out)
 
 
 # ---------------------------------------------------------------------------- sessions
@@ -181,50 +112,29 @@ async def predict(request: Request) -> Response:
 @route("POST", "/v1/sessions", "Create a session (optionally primed with input)",
        body=CreateSessionRequest, status=201)
 async def create_session(request: Request) -> Response:
-    svc = service(request)
-    req: CreateSessionRequest = await read(request, CreateSessionRequest)
-    tokens = to_tokens(req.text, req.tokens, required=False,
-                       limit=svc.settings.max_tokens_per_request)
-    record, answer = await svc.sessions.create(req.model, req.version, req.ttl_s, tokens,
-                                               req.top_k)
-    request.scope["carousel.model"] = record.model
-    out = views.session_body(record)
-    if answer is not None:
-        out.update(views.answer_fields(answer, req.return_logits))
-    return json_response(out, 201)
+    dp = plane(request)
+    body = await read_body(request, dp.settings.max_body_bytes)
+    return json_response(await dp.create_session(body, request.scope), 201)
 
 
 @route("POST", "/v1/sessions/{session_id}/step",
        "Consume input; answer the next-token prediction", body=StepRequest, hot=True)
 async def step(request: Request) -> Response:
-    svc = service(request)
-    body = await read_body(request, svc.settings.max_body_bytes)
-    return json_response(await run_step(svc, request.path_params["session_id"], body,
-                                        request.scope))
-
-
-async def run_step(svc: Service, session_id: str, body: bytes, scope: dict) -> dict:
-    """A step from its JSON body to its answer. Shared by the route above and its fast path
-    (app.RequestMiddleware), which serves it without the framework's layers."""
-    svc.check_accepting()
-    req: StepRequest = parse(StepRequest, body)
-    tokens = to_tokens(req.text, req.tokens, required=True,
-                       limit=svc.settings.max_tokens_per_request)
-    record, answer = await svc.sessions.step(session_id, tokens, req.position, req.top_k)
-    scope["carousel.model"] = record.model
-    return views.step_body(session_id, answer, req.return_logits)
+    # Served by app.RequestMiddleware's fast path; this route documents it and answers 405s.
+    dp = plane(request)
+    body = await read_body(request, dp.settings.max_body_bytes)
+    return json_response(await dp.step(request.path_params["session_id"], body, request.scope))
 
 
 @route("POST", "/v1/sessions/{session_id}/generate",
        "Sample tokens from the session (stream: server-sent events)", body=GenerateRequest)
 async def generate(request: Request) -> Response:
     session_id = request.path_params["session_id"]
-    svc = service(request)
-    req: GenerateRequest = await read(request, GenerateRequest)
-    args = generation_args(req, svc.settings.max_generate_tokens)
-    gen = await svc.sessions.start_generation(session_id, **args)
+    dp = plane(request)
+    body = await read_body(request, dp.settings.max_body_bytes)
+    gen, args = await dp.generate(session_id, body)
     request.scope["carousel.model"] = gen.model
-    if req.stream:
+    if args["stream"]:
         return EventStream(_sse(gen, args["seed"]), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -259,15 +169,13 @@ class EventStream(StreamingResponse):
 
 @route("GET", "/v1/sessions/{session_id}", "A session's position and times")
 async def get_session(request: Request) -> Response:
-    session_id = request.path_params["session_id"]
-    record = await service(request).sessions.get(session_id)
-    request.scope["carousel.model"] = record.model
-    return json_response(views.session_body(record))
+    return json_response(await plane(request).get_session(
+        request.path_params["session_id"], request.scope))
 
 
 @route("DELETE", "/v1/sessions/{session_id}", "Delete a session", status=204)
 async def delete_session(request: Request) -> Response:
-    await service(request).sessions.delete(request.path_params["session_id"])
+    await plane(request).delete_session(request.path_params["session_id"])
     return Response(status_code=204)
 
 
@@ -275,11 +183,7 @@ async def delete_session(request: Request) -> Response:
        "A new session with a copy of this one's state and position (body optional)",
        body=ForkRequest, status=201)
 async def fork_session(request: Request) -> Response:
-    session_id = request.path_params["session_id"]
-    svc = service(request)
-    svc.check_accepting()
-    raw = await read_body(request, svc.settings.max_body_bytes)
-    ttl = parse(ForkRequest, raw).ttl_s if raw.strip() else None  # the body is optional
-    record = await svc.sessions.fork(session_id, ttl)
-    request.scope["carousel.model"] = record.model
-    return json_response({**views.session_body(record), "parent_id": session_id}, 201)
+    dp = plane(request)
+    body = await read_body(request, dp.settings.max_body_bytes)
+    return json_response(await dp.fork(request.path_params["session_id"], body,
+                                       request.scope), 201)

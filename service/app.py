@@ -82,7 +82,7 @@ class RequestMiddleware:
 
     A step is the one request clients send thousands of times a second, and the framework's
     layers (exception middleware, router, request/response objects) cost more than the rest
-    of the step. So the step is answered here by the same `api.run_step` its route uses, with
+    of the step. So the step is answered here by the same `DataPlane.step` its route uses, with
     the same errors; the route stays registered for everything else (405, docs)."""
 
     def __init__(self, app, service: Service) -> None:
@@ -126,7 +126,7 @@ class RequestMiddleware:
         svc = self.service
         try:
             body = await read_asgi_body(scope, receive, svc.settings.max_body_bytes)
-            answer = await api.run_step(svc, session_id, body, scope)
+            answer = await svc.plane.step(session_id, body, scope)
             status, payload, extra = 200, views.dumps(answer), ()
         except ServiceError as e:
             status, payload = e.status, views.dumps(error_body(e))

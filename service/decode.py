@@ -1,18 +1,23 @@
-"""Generations alone: the inference thread decodes iteration after iteration.
+"""Streams: work that feeds itself, stepped back to back in an inference thread.
 
-When a batch holds nothing but the running generations and no other work waits, handing
-every iteration back to the event loop is the largest cost after onnxruntime itself: the
-thread waited ~0.9 ms of every 3.4 ms iteration for the loop to take the tokens and hand
-the next batch over, and rebuilt the batch's state from the rows every time (bench/README.md).
-So the thread keeps the batch in the graph's own tensors (each iteration's state outputs
-are the next one's inputs: no stacking, no copies), samples the next tokens, posts the
-iteration's tokens to the event loop (one callback per iteration, which emits them) and
-goes on at once. It stops when a generation finishes, one is cancelled, or the scheduler
-wants the thread back (new work queued, a generation joining, shutdown); only then are the
-rows split out, once.
+A stream is a generation: each iteration its adapter chooses the next input from the last
+outputs (the byte LM samples a token from the logits), the graph consumes it, and the event
+loop emits what was fed. This is the one place streams are stepped, the first iteration
+included: its input is chosen from the extras the session's row keeps (the byte LM's stored
+logits), every later one from the previous call's outputs.
 
-Every posted token has been fed to the state the run returns, so wherever a run stops, a
-generation's row holds exactly the tokens its client saw.
+Handing every iteration back to the event loop was the largest cost after onnxruntime
+itself: the thread waited ~0.9 ms of every 3.4 ms iteration for the loop to take the tokens
+and hand the next batch over, and rebuilt the batch's state from the rows every time
+(bench/README.md). So the thread keeps the batch in the graph's own tensors (each
+iteration's state outputs are the next one's inputs: no stacking, no copies), chooses the
+next inputs, posts the iteration's fed values to the event loop (one callback per
+iteration) and goes on at once. It stops when a stream finishes, one is cancelled, or the
+scheduler wants the thread back (new work queued, a stream joining, shutdown); only then
+are the rows split out, once.
+
+Every posted value has been fed to the state the run returns, so wherever a run stops, a
+stream's row holds exactly what its consumer saw.
 """
 
 from __future__ import annotations
@@ -20,71 +25,93 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from .generation import Generation
-from .sampling import SamplingBatch, sample
+
+class Stream(Protocol):
+    """What the scheduler needs of a generation (generation.py has the byte LM's)."""
+
+    key: object
+    row: np.ndarray  # state after everything fed so far, with the adapter's extras
+    in_flight: bool  # in a decode run (owned by the scheduler meanwhile)
+    cancelled: bool
+    finish_reason: str | None
+
+    def emit(self, value, final: bool) -> None: ...  # a fed value, on the event loop
+    def finish(self, reason: str) -> None: ...
+
+
+class StreamGroup(Protocol):
+    """The adapter's side of a group of streams decoding together (adapter.open_streams)."""
+
+    def next(self, extras: np.ndarray) -> tuple[dict[str, np.ndarray], list, list]:
+        """From the rows' extras (B, extra_size): the next call's per-step inputs (batched),
+        what each stream is fed, and why each stream ends with it (None: it goes on)."""
 
 
 @dataclass(slots=True)
 class RunResult:
-    rows: list[np.ndarray]  # each generation's row after the last token fed
-    pending: np.ndarray  # (G,) the next tokens, sampled from those rows' logits
-    reasons: list[str | None]  # why each generation finished in the run, or None
+    rows: list[np.ndarray]  # each stream's row after the last value fed
+    reasons: list[str | None]  # why each stream finished in the run, or None
     iterations: int  # onnxruntime calls that succeeded
     error: Exception | None = None  # onnxruntime failed after `iterations` good calls
 
 
-# post(generations, their fed tokens (g,), finish reasons, seconds in onnxruntime):
+# post(streams, their fed values, finish reasons, seconds in onnxruntime):
 # called once per onnxruntime call, from the inference thread
-Post = Callable[[list[Generation], np.ndarray, list, float], None]
+Post = Callable[[list, list, list, float], None]
 
 
 class _Group:
-    """Up to a batch of generations decoding together: their state lives in the graph's
-    own tensors from one call to the next."""
+    """Up to a batch of streams decoding together: their state lives in the graph's own
+    tensors from one call to the next."""
 
-    def __init__(self, engine, gens: list[Generation]) -> None:
+    def __init__(self, engine, adapter, streams: list) -> None:
         self.engine = engine
-        self.gens = gens
-        self.state = engine.layout.stack([gen.row for gen in gens])
-        self.tokens = np.array([gen.pending for gen in gens], dtype=np.int64).reshape(-1, 1)
-        self.lengths = np.ones(len(gens), dtype=np.int32)
-        self.sampling = SamplingBatch([gen.params for gen in gens], engine.vocab_size)
-        self.rules = [gen.rule for gen in gens]
-        self.pending = self.tokens[:, 0]
-        self.reasons: list[str | None] = [None] * len(gens)
-        self.last = self.outputs = None
+        self.adapter = adapter
+        self.streams = streams
+        layout = engine.layout
+        self.state = layout.stack([s.row for s in streams])
+        self.extras = layout.extras([s.row for s in streams])
+        self.ones = np.ones(len(streams), dtype=np.int64)
+        lengths = engine.manifest.lengths
+        self.lengths = None if lengths is None else (lengths.name, self.ones.astype(lengths.dtype))
+        self.choose = adapter.open_streams(streams)
+        self.reasons: list[str | None] = [None] * len(streams)
+        self.outputs: dict[str, np.ndarray] | None = None
 
-    def step(self) -> tuple[np.ndarray, float]:
-        """Feed the pending tokens, sample the next ones: (tokens fed, seconds in the
-        graph). Raises if onnxruntime fails, leaving the group as it was."""
-        if self.outputs is not None:
-            self.state = self.engine.layout.feeds_from(self.outputs)
-            self.tokens = self.pending.reshape(-1, 1)
+    def step(self) -> tuple[list, float]:
+        """Choose and feed the next inputs: (values fed, seconds in the graph). Raises if
+        onnxruntime fails, leaving the group as it was."""
+        inputs, fed, reasons = self.choose.next(self.extras)
+        feeds = {**inputs, **self.state}
+        if self.lengths is not None:
+            feeds[self.lengths[0]] = self.lengths[1]
         t0 = time.perf_counter()
-        self.last, self.outputs = self.engine.infer(self.tokens, self.lengths, self.state)
+        outputs = self.engine.run(feeds)
         seconds = time.perf_counter() - t0
-        fed = self.tokens[:, 0]
-        uniforms = np.array([gen.draw() for gen in self.gens])
-        self.reasons = [rule.check(t) for rule, t in zip(self.rules, fed.tolist(), strict=True)]
-        self.pending = sample(self.last, self.sampling, uniforms)
+        self.outputs = outputs
+        self.state = self.engine.layout.feeds_from(outputs)
+        self.extras, _ = self.adapter.finish(outputs, self.ones, [])
+        self.reasons = reasons
         return fed, seconds
 
     def rows(self) -> list[np.ndarray]:
         if self.outputs is None:
-            return [gen.row for gen in self.gens]
-        return self.engine.layout.unstack(self.outputs, self.last)
+            return [s.row for s in self.streams]
+        return self.engine.layout.unstack(self.outputs, self.extras, len(self.streams))
 
 
-def decode_run(engine, gens: Sequence[Generation], post: Post,
+def decode_run(engine, adapter, streams: Sequence, post: Post,
                should_stop: Callable[[], bool], max_batch: int) -> RunResult:
-    """Feed the generations' pending tokens, then each newly sampled one, in calls of at
-    most `max_batch` rows taken in turn, until told to stop or a generation ends. Called
-    in an inference thread; the generations are in flight, so nothing else touches their
-    rows, rules or random generators meanwhile."""
-    groups = [_Group(engine, list(gens[i: i + max_batch])) for i in range(0, len(gens), max_batch)]
+    """Step the streams in calls of at most `max_batch` rows, each group once a round,
+    until a stream ends or the scheduler asks for the thread (checked once a round, so
+    every group gets its turn). Called in an inference thread; the streams are in flight,
+    so nothing else touches their rows, rules or random generators meanwhile."""
+    groups = [_Group(engine, adapter, list(streams[i: i + max_batch]))
+              for i in range(0, len(streams), max_batch)]
     iterations = 0
     error = None
     running = True
@@ -97,13 +124,12 @@ def decode_run(engine, gens: Sequence[Generation], post: Post,
                 running = False
                 break
             iterations += 1
-            post(group.gens, fed, group.reasons, seconds)
-            if any(group.reasons) or should_stop():
-                running = False
-                break
+            post(group.streams, fed, group.reasons, seconds)
+            if any(r is not None for r in group.reasons):
+                running = False  # the round ends, then the run: the stream's end is due
+        running = running and not should_stop()
     return RunResult(
         rows=[row for group in groups for row in group.rows()],
-        pending=np.concatenate([group.pending for group in groups]),
         reasons=[r for group in groups for r in group.reasons],
         iterations=iterations,
         error=error,

@@ -1,9 +1,9 @@
 """The onnxruntime sessions of one model version (batches; wide prefills), and the call that
-runs a padded batch.
+runs a batch of named tensors.
 
-`Engine.infer` is synchronous and called from the scheduler's inference threads, so the event
-loop never waits on onnxruntime. It knows tensors only by the manifest's names: tokens,
-lengths, logits and the listed state pairs. No model architecture is known here.
+`Engine.run` is synchronous and called from the scheduler's inference threads, so the event
+loop never waits on onnxruntime. It knows tensors only by the manifest's names; constants the
+caller does not feed are fed from the manifest. No model architecture is known here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import LENGTHS, LOGITS, TOKENS, Manifest, ManifestError
+from .manifest import Manifest, ManifestError
 from .state import StateLayout
 
 log = logging.getLogger("carousel.service")
@@ -46,23 +46,24 @@ class Engine:
     work, not the sums); the cost is a second copy of the weights."""
 
     def __init__(self, manifest: Manifest, *, intra_op_threads: int = 1,
-                 inter_op_threads: int = 1, wide_threads: int = 0) -> None:
+                 inter_op_threads: int = 1, wide_threads: int = 0,
+                 extra_size: int = 0) -> None:
         self.manifest = manifest
-        self.layout = StateLayout(manifest.states, manifest.vocab_size)
-        self.vocab_size = manifest.vocab_size
-        self._lengths_dtype = np.dtype(manifest.lengths_dtype)
+        self.layout = StateLayout(manifest.states, extra_size)
         self.session = self._open(intra_op_threads, inter_op_threads)
         self.wide = self._open(wide_threads, inter_op_threads) if wide_threads > 1 else None
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}
-        wanted_in = {TOKENS, LENGTHS, *(s.input for s in manifest.states)}
-        wanted_out = {LOGITS, *(s.output for s in manifest.states)}
-        if not wanted_in <= graph_inputs or not wanted_out <= graph_outputs:
+        declared_in = {t["name"] for t in manifest.raw["inputs"]}
+        wanted_out = {t.name for t in manifest.outputs} | {s.output for s in manifest.states}
+        if graph_inputs != declared_in or not wanted_out <= graph_outputs:
             raise ManifestError(
-                f"{manifest.graph_file}: graph tensors {sorted(graph_inputs | graph_outputs)} "
-                f"do not include the manifest's {sorted(wanted_in | wanted_out)}"
+                f"{manifest.graph_file}: the graph's inputs {sorted(graph_inputs)} and outputs "
+                f"{sorted(graph_outputs)} do not match the manifest's inputs "
+                f"{sorted(declared_in)} and outputs {sorted(wanted_out)}"
             )
-        self._output_names = [LOGITS, *(s.output for s in manifest.states)]
+        self.constants = {c.name: c.value for c in manifest.constants}
+        self.output_names = [t.name for t in manifest.outputs] + [s.output for s in manifest.states]
 
     def _open(self, intra_op_threads: int, inter_op_threads: int) -> ort.InferenceSession:
         graph = self.manifest.graph_file
@@ -73,22 +74,27 @@ class Engine:
         except Exception as e:  # onnxruntime raises its own types for a broken graph
             raise ManifestError(f"{graph}: onnxruntime cannot load it: {e}") from e
 
-    def infer(self, tokens: np.ndarray, lengths: np.ndarray, state: dict[str, np.ndarray],
-              wide: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run a padded batch. tokens (B, T) int64, lengths (B,) >= 1, state as the graph's
-        inputs; `wide` runs it on the wide session, if there is one. Returns the logits at
-        each row's last real position (B, V) and the state outputs by name."""
-        feeds = {TOKENS: tokens, LENGTHS: lengths.astype(self._lengths_dtype, copy=False), **state}
+    def run(self, feeds: dict[str, np.ndarray], wide: bool = False) -> dict[str, np.ndarray]:
+        """One call: per-step inputs, state and (optionally) constants by name, batched as
+        the graph takes them; `wide` runs it on the wide session, if there is one. Returns
+        every result and state output by name."""
+        if self.constants:
+            feeds = {**self.constants, **feeds}
         session = self.wide if wide and self.wide is not None else self.session
-        logits, *states = session.run(self._output_names, feeds)
-        if tokens.shape[1] == 1:  # decode steps: every row's last position is its only one
-            last = logits[:, 0]
-        else:
-            last = logits[np.arange(tokens.shape[0]), lengths.astype(np.intp) - 1]
-        return last, dict(zip(self._output_names[1:], states, strict=True))
+        values = session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, values, strict=True))
 
     def warm_up(self) -> None:
-        """One small run, so the first client does not pay for onnxruntime's allocations."""
-        tokens = np.zeros((1, 1), dtype=np.int64)
+        """One small run on each session, so the first client does not pay for
+        onnxruntime's allocations (and a graph that cannot run fails at start-up)."""
+        m = self.manifest
+        feeds = {t.name: np.zeros([1 if d < 0 else d for d in t.dims(1)], dtype=t.dtype)
+                 for t in m.inputs}
+        if m.lengths is not None:
+            feeds[m.lengths.name] = np.ones(1, dtype=m.lengths.dtype)
+        feeds.update(self.layout.stack([None]))
         for wide in (False, True):
-            self.infer(tokens, np.ones(1, dtype=np.int32), self.layout.stack([None]), wide)
+            try:
+                self.run(feeds, wide)
+            except Exception as e:  # onnxruntime's own error types
+                raise ManifestError(f"{m.graph_file}: a one-step run fails: {e}") from e

@@ -14,6 +14,7 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 422    | invalid_input      | wrong shape or type, value out of range, unknown field         |
 | 422    | empty_input        | empty text / tokens, or generating from a session with no input|
 | 422    | token_out_of_range | a token outside the model's vocabulary                         |
+| 422    | unsupported_model  | a v1 (text/tokens) call on a tensor model: use the v2 API      |
 | 404    | unknown_model      | no model of that name                                          |
 | 404    | unknown_version    | the model exists, that version does not                        |
 | 404    | unknown_session    | no such session, or it expired                                 |
@@ -70,6 +71,10 @@ class EmptyInput(InvalidInput):
 
 class TokenOutOfRange(InvalidInput):
     code = "token_out_of_range"
+
+
+class UnsupportedModel(InvalidInput):
+    code = "unsupported_model"
 
 
 class RequestTooLarge(ServiceError):

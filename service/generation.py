@@ -1,10 +1,11 @@
-"""One running generation: its state row, sampler, stop rules and the events it emits.
+"""One running generation of the byte LM: its state row, sampler, stop rules and events.
 
-The scheduler owns the loop (continuous batching): every iteration it feeds each active
-generation's pending token, then calls `advance` with the new row and the token sampled for
-next time. A generation's consumer (the SSE or WebSocket stream, or a plain response) reads
-`events()` or waits on `done`. Every emitted token has already been consumed by the state,
-so wherever a generation stops, the session holds exactly the tokens its client saw.
+The scheduler steps it as a stream (decode.py): each iteration the byte LM adapter samples
+its next token from the logits its row ends with, the graph consumes the token, and the
+event loop calls `emit` with it. A generation's consumer (the SSE or WebSocket stream, or
+a plain response) reads `events()` or waits on `done`. Every emitted token has already been
+consumed by the state, so wherever a generation stops, the session holds exactly the
+tokens its client saw.
 """
 
 from __future__ import annotations
@@ -67,16 +68,15 @@ class Generation:
                  stream: bool = False, model: str = "") -> None:
         self.key = key
         self.model = model  # for metrics labels
-        self.row = row  # state after the tokens fed so far (with their logits)
+        self.row = row  # state after the tokens fed so far, then their last logits
         self.start_position = position
         self.params = params
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.rule = StopRule(max_tokens, stop)  # checked by whoever runs the iteration
         self.tokens: list[int] = []  # fed and emitted
-        self.pending: int = -1  # sampled, to be fed next iteration
         self.finish_reason: str | None = None
         self.cancelled = False
-        self.in_flight = False  # in a batch that is running (owned by the scheduler)
+        self.in_flight = False  # in a decode run (owned by the scheduler meanwhile)
         self._out = bytearray()
         self._utf8 = Utf8Stream() if stream else None
         self._events: list[TokenEvent | EndEvent] | None = [] if stream else None
@@ -99,22 +99,7 @@ class Generation:
         """The consumer is gone: leave at the next iteration boundary."""
         self.cancelled = True
 
-    def advance(self, row: np.ndarray, next_token: int) -> bool:
-        """The pending token was fed and `row` is the new state; `next_token` was sampled from
-        its logits. Returns True when the generation is finished."""
-        token = self.pending
-        reason = self.rule.check(token)
-        self.row = row
-        self.emit_token(token, reason is not None)
-        if reason is None and self.cancelled:
-            reason = "cancelled"
-        if reason is not None:
-            self.finish(reason)
-            return True
-        self.pending = next_token
-        return False
-
-    def emit_token(self, token: int, final: bool) -> None:
+    def emit(self, token: int, final: bool) -> None:
         """A fed token becomes output (and an event); `final` when it is the last one."""
         self.tokens.append(token)
         self._out.append(token)

@@ -13,20 +13,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .bytelm import ByteLM
 from .engine import Engine
 from .errors import UnknownModel, UnknownVersion
-from .manifest import Manifest, ManifestError, read_manifest
+from .manifest import BYTE_LM, Manifest, ManifestError, read_manifest
 from .scheduler import Scheduler
+from .tensormodel import TensorModel
 
 log = logging.getLogger("carousel.service")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def adapter_for(manifest: Manifest) -> ByteLM | TensorModel:
+    """The adapter a model version is served with, as its manifest says."""
+    return ByteLM(manifest) if manifest.adapter == BYTE_LM else TensorModel(manifest)
+
+
 @dataclass(eq=False)
 class ModelVersion:
     manifest: Manifest
     engine: Engine
+    adapter: ByteLM | TensorModel
     scheduler: Scheduler | None = field(default=None)
 
     @property
@@ -42,8 +50,8 @@ class ModelVersion:
         return self.engine.layout
 
     @property
-    def vocab_size(self) -> int:
-        return self.engine.vocab_size
+    def is_lm(self) -> bool:
+        return self.manifest.adapter == BYTE_LM
 
 
 class Registry:
@@ -69,12 +77,14 @@ class Registry:
                 if not (version_dir.is_dir() and version_dir.name.isdigit()):
                     continue
                 manifest = read_manifest(version_dir)
+                adapter = adapter_for(manifest)
                 engine = Engine(manifest, intra_op_threads=intra_op_threads,
-                                inter_op_threads=inter_op_threads, wide_threads=wide_threads)
+                                inter_op_threads=inter_op_threads, wide_threads=wide_threads,
+                                extra_size=adapter.extra_size)
                 engine.warm_up()
-                log.info("loaded %s version %d (%s)", manifest.name, manifest.version,
-                         manifest.graph_file)
-                versions.append(ModelVersion(manifest, engine))
+                log.info("loaded %s version %d (%s, %s)", manifest.name, manifest.version,
+                         manifest.adapter, manifest.graph_file)
+                versions.append(ModelVersion(manifest, engine, adapter))
         if not versions:
             raise ManifestError(
                 f"model repository {repository} holds no model versions "

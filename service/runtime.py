@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 
+from .dataplane import DataPlane
 from .errors import NotReady, ShuttingDown
 from .metrics import Metrics
 from .registry import Registry
@@ -27,6 +28,7 @@ class Service:
         self.registry = registry  # loaded in start() unless given
         self.store = store
         self.sessions: SessionManager | None = None
+        self.plane = DataPlane(self)  # what every transport calls
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests and WebSocket messages being answered
@@ -44,7 +46,7 @@ class Service:
 
         def scheduler_for(mv):
             hooks = self.metrics.scheduler_hooks(mv.name, mv.version)
-            scheduler = make_scheduler(mv.engine, s, hooks, f"{mv.name}-{mv.version}")
+            scheduler = make_scheduler(mv.engine, mv.adapter, s, hooks, f"{mv.name}-{mv.version}")
             self.metrics.register_model(mv.name, mv.version)
             self.metrics.watch_scheduler(mv.name, mv.version, scheduler)
             return scheduler

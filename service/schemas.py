@@ -76,9 +76,12 @@ class WsGenerateFrame(_Body):
     generate: GenerateRequest
 
 
-def parse(model: type[BaseModel], body: bytes | str):
-    """Validate a JSON body; map pydantic's errors to the service's."""
+def parse(model: type[BaseModel], body: bytes | str | dict):
+    """Validate a JSON body (or an object already decoded from one, as a WebSocket frame
+    is); map pydantic's errors to the service's."""
     try:
+        if isinstance(body, dict):
+            return model.model_validate(body)
         return model.model_validate_json(body)
     except ValidationError as e:
         raise _error(e) from None

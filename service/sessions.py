@@ -1,9 +1,12 @@
-"""Sessions: create, step, generate, fork, delete; positions that make retries safe.
+"""Sessions: create, step, stream, fork, delete; positions that make retries safe.
 
-The manager is the only writer of session records. Every operation validates everything
-first and writes last, so a rejected request changes nothing. Steps on one session hold its
-lock (locks.py), so they apply one at a time in arrival order; a generation holds it until
-its tokens are written back.
+The manager is the only writer of session records, and knows steps only as tensors: a
+`Step` is a model's per-step inputs (checked by its adapter), how many steps along the
+sequence axis they hold, the adapter's answer options, and a digest that recognises the
+very same step when a client retries it. Every operation validates everything first and
+writes last, so a rejected request changes nothing. Steps on one session hold its lock
+(locks.py), so they apply one at a time in arrival order; a stream (a generation) holds it
+until what it fed is written back.
 
 Rows are never changed in place (the scheduler always makes new ones), so a fresh session
 shares one zero row and a fork shares its parent's row until either moves on.
@@ -12,41 +15,42 @@ shares one zero row and a fork shares its parent's row until either moves on.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import (
-    AtCapacity,
-    EmptyInput,
-    InvalidInput,
-    PositionMismatch,
-    QueueFull,
-    TokenOutOfRange,
-    UnknownSession,
-)
-from .generation import Generation
+from .decode import Stream
+from .errors import AtCapacity, InvalidInput, PositionMismatch, QueueFull, UnknownSession
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
-from .sampling import SamplingParams, top_logprobs
-from .scheduler import WorkResult
 from .store import SessionRecord, SessionStore
 
 log = logging.getLogger("carousel.service")
 
 
 @dataclass(slots=True)
-class Answer:
-    """The next-token prediction after some input."""
+class Step:
+    """One step for a session, as its model's adapter prepared it."""
 
+    inputs: dict[str, np.ndarray]  # per-step inputs, batch axis removed
+    length: int  # steps along the sequence axis: what the position advances by
+    options: object = None  # the adapter's answer options (the byte LM: top k)
+    digest: bytes = b""  # recognises the same step again (a retry)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a step left: the session's row and position after it, and the adapter's result
+    (a replayed step's result is recomputed, or kept, by the adapter)."""
+
+    row: np.ndarray
     position: int
-    top_tokens: np.ndarray
-    top_logprobs: np.ndarray
-    logits: np.ndarray  # (V,) the last position's logits (shown only when asked for)
+    result: object
+    replayed: bool = False
 
 
 class SessionHooks:
@@ -59,24 +63,6 @@ class SessionHooks:
 
 def new_session_id() -> str:
     return secrets.token_urlsafe(16)  # 128 random bits, URL-safe
-
-
-def digest(tokens: np.ndarray) -> bytes:
-    return hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
-
-
-def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
-    if tokens.size == 0:
-        raise EmptyInput("the input is empty: send at least one token or character")
-    if tokens.size <= 32:  # a decode step: Python's min/max beat two numpy reductions
-        values = tokens.tolist()
-        low, high = min(values), max(values)
-    else:
-        low, high = tokens.min(), tokens.max()
-    if low < 0 or high >= vocab_size:
-        bad = int(tokens[(tokens < 0) | (tokens >= vocab_size)][0])
-        raise TokenOutOfRange(
-            f"token {bad} is outside the vocabulary: tokens are 0..{vocab_size - 1}")
 
 
 class SessionManager:
@@ -92,40 +78,45 @@ class SessionManager:
         self.hooks = hooks or SessionHooks()
         self._locks = KeyedLocks()
         self._zero_rows: dict[ModelVersion, np.ndarray] = {}
-        self._jobs: set[asyncio.Task] = set()  # generation write-backs in flight
+        self._jobs: set[asyncio.Task] = set()  # stream write-backs in flight
         self._creating = 0
         self._last_sweep = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def create(self, model: str, version: int | None = None, ttl_s: float | None = None,
-                     tokens: np.ndarray | None = None, k: int = 5
-                     ) -> tuple[SessionRecord, Answer | None]:
-        mv = self.registry.get(model, version)
+    async def create(self, mv: ModelVersion, ttl_s: float | None = None,
+                     step: Step | None = None, session_id: str | None = None,
+                     replace: bool = False) -> tuple[SessionRecord, Outcome | None]:
+        """A new session, primed with `step` if given (the priming runs before the session
+        exists: a failure leaves none). `session_id` names it (a v2 sequence); `replace`
+        starts that id afresh if it is live."""
         ttl = self._ttl(ttl_s)
-        if tokens is not None:
-            check_tokens(tokens, mv.vocab_size)
+        session_id = session_id or new_session_id()
         self._creating += 1
         try:
-            await self._check_capacity()
-            session_id = new_session_id()
-            answer = None
-            row = self._zero_row(mv)
-            position = 0
-            if tokens is not None:  # priming runs before the session exists: failure leaves none
-                result = await mv.scheduler.run(session_id, tokens, None, k)
-                row, position = result.row, len(tokens)
-                answer = self._answer(mv, result, position)
+            if not replace or await self.store.get(session_id) is None:
+                await self._check_capacity()
+            outcome = None
+            row, position = self._zero_row(mv), 0
+            if step is not None:
+                result = await mv.scheduler.run(session_id, step.inputs, step.length, None,
+                                                step.options)
+                row, position = result.row, step.length
+                outcome = Outcome(row, position, result.result)
             record = SessionRecord(session_id, mv.name, mv.version, row, ttl, position=position)
-            if tokens is not None:
-                record.last_start, record.last_digest = 0, digest(tokens)
-            await self.store.put(record, create=True)
+            if step is not None:
+                record.last_start, record.last_digest = 0, step.digest
+                record.last_result = self._kept(mv, outcome.result)
+            if replace:
+                await self.store.delete(session_id)
+            if not await self.store.put(record, create=True):
+                raise InvalidInput(f"session {session_id!r} exists already")
         finally:
             self._creating -= 1
         self.hooks.created(mv.name)
-        if tokens is not None:
-            self.hooks.consumed(mv.name, mv.version, len(tokens))
-        return record, answer
+        if step is not None:
+            self.hooks.consumed(mv.name, mv.version, step.length)
+        return record, outcome
 
     async def get(self, session_id: str) -> SessionRecord:
         record = await self.store.get(session_id)
@@ -162,78 +153,79 @@ class SessionManager:
 
     # ------------------------------------------------------------------ steps
 
-    async def step(self, session_id: str, tokens: np.ndarray, position: int | None = None,
-                   k: int = 5) -> tuple[SessionRecord, Answer]:
-        """Consume tokens. With `position`: apply only if the session is there; if this exact
-        step (same position, same tokens) was the last one applied, answer it again."""
+    async def step(self, session_id: str, prepare: Callable[[ModelVersion], Step],
+                   position: int | None = None, *, replay: Callable | None = None,
+                   ) -> tuple[SessionRecord, Outcome]:
+        """Apply a step. `prepare(mv)` builds it once the session's model is known (and
+        raises for bad input, changing nothing). With `position`: apply only if the session
+        is there; if this exact step (same position, same digest) was the last one applied,
+        answer it again: `replay(mv, record, step)` recomputes its result, else the record's
+        kept copy is returned."""
         await self._locks.acquire(session_id)
         try:
             record = await self.get(session_id)
             mv = self.registry.get(record.model, record.version)
-            check_tokens(tokens, mv.vocab_size)
-            key = digest(tokens)
+            step = prepare(mv)
             if position is not None and position != record.position:
-                if position == record.last_start and key == record.last_digest:
-                    return record, self._replay(mv, record, k)
+                if position == record.last_start and step.digest == record.last_digest:
+                    result = (replay(mv, record, step) if replay is not None
+                              else record.last_result)
+                    return record, Outcome(record.row, record.position, result, True)
                 raise PositionMismatch(position, record.position)
-            result = await mv.scheduler.run(session_id, tokens, record.row, k)
+            result = await mv.scheduler.run(session_id, step.inputs, step.length, record.row,
+                                            step.options)
             record.row = result.row
-            record.last_start, record.last_digest = record.position, key
-            record.position += len(tokens)
+            record.last_start, record.last_digest = record.position, step.digest
+            record.last_result = self._kept(mv, result.result)
+            record.position += step.length
             record.last_used_at = time.time()
             if not await self.store.put(record):
                 raise UnknownSession(session_id)  # deleted while the step ran
         finally:
             self._locks.release(session_id)
-        self.hooks.consumed(mv.name, mv.version, len(tokens))
-        return record, self._answer(mv, result, record.position)
+        self.hooks.consumed(mv.name, mv.version, step.length)
+        return record, Outcome(record.row, record.position, result.result)
 
-    async def predict(self, mv: ModelVersion, inputs: list[np.ndarray], k: int) -> list[Answer]:
-        """Stateless: each input from a zero state, batched with everything else queued."""
-        for tokens in inputs:
-            check_tokens(tokens, mv.vocab_size)
+    async def predict(self, mv: ModelVersion, steps: list[Step]) -> list[Outcome]:
+        """Stateless: each step from a zero state, batched with everything else queued."""
         scheduler = mv.scheduler
-        if scheduler.queued + len(inputs) > scheduler.max_queue:
-            raise QueueFull(f"{mv.name}: the queue cannot take {len(inputs)} more inputs now",
+        if scheduler.queued + len(steps) > scheduler.max_queue:
+            raise QueueFull(f"{mv.name}: the queue cannot take {len(steps)} more inputs now",
                             retry_after=1)
-        results = await asyncio.gather(*(scheduler.run(None, t, None, k) for t in inputs))
-        self.hooks.consumed(mv.name, mv.version, sum(len(t) for t in inputs))
-        return [self._answer(mv, r, len(t)) for r, t in zip(results, inputs, strict=True)]
+        results = await asyncio.gather(
+            *(scheduler.run(None, s.inputs, s.length, None, s.options) for s in steps))
+        self.hooks.consumed(mv.name, mv.version, sum(s.length for s in steps))
+        return [Outcome(r.row, s.length, r.result) for r, s in zip(results, steps, strict=True)]
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ streams
 
-    async def start_generation(self, session_id: str, *, params: SamplingParams, seed: int,
-                               max_tokens: int, stop: tuple[bytes, ...] = (),
-                               stream: bool = False) -> Generation:
-        """Join the model's running generations; returns once it has joined (or raises).
-        The session stays locked until the generated tokens are written back."""
+    async def start_stream(self, session_id: str,
+                           make: Callable[[ModelVersion, SessionRecord], Stream]) -> Stream:
+        """Join the model's running streams (generations); returns once it has joined (or
+        raises). `make(mv, record)` builds the stream from the session (and raises for bad
+        input). The session stays locked until what the stream fed is written back."""
         await self._locks.acquire(session_id)
         try:
             record = await self.get(session_id)
-            if record.position == 0:
-                raise EmptyInput("the session has consumed no input yet, so there is nothing "
-                                 "to continue: step or prime it with some text first")
             mv = self.registry.get(record.model, record.version)
-            gen = Generation(key=session_id, row=record.row, position=record.position,
-                             params=params, seed=seed, max_tokens=max_tokens, stop=stop,
-                             stream=stream, model=record.model)
-            mv.scheduler.start_generation(gen)
+            stream = make(mv, record)
+            mv.scheduler.start_stream(stream)
             record.last_used_at = time.time()  # in use: not idle while it generates
         except BaseException:
             self._locks.release(session_id)
             raise
-        task = asyncio.get_running_loop().create_task(self._write_back(record, gen))
+        task = asyncio.get_running_loop().create_task(self._write_back(record, stream))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
-        return gen
+        return stream
 
-    async def _write_back(self, record: SessionRecord, gen: Generation) -> None:
+    async def _write_back(self, record: SessionRecord, stream) -> None:
         try:
-            await asyncio.shield(gen.done)
-            if gen.tokens:
-                record.row = gen.row
-                record.position = gen.position
-                record.last_start, record.last_digest = -1, None
+            await asyncio.shield(stream.done)
+            if stream.row is not record.row:
+                record.row = stream.row
+                record.position = stream.position
+                record.last_start, record.last_digest, record.last_result = -1, None, None
                 record.last_used_at = time.time()
                 await self.store.put(record)  # a session deleted meanwhile stays deleted
         finally:
@@ -241,7 +233,7 @@ class SessionManager:
 
     @property
     def busy(self) -> int:
-        """Generation write-backs still running (shutdown waits for them)."""
+        """Stream write-backs still running (shutdown waits for them)."""
         return len(self._jobs)
 
     async def wait_idle(self, timeout: float) -> None:
@@ -293,11 +285,8 @@ class SessionManager:
             row.flags.writeable = False
         return row
 
-    def _answer(self, mv: ModelVersion, result: WorkResult, position: int) -> Answer:
-        return Answer(position, result.top_tokens, result.top_logprobs,
-                      mv.layout.logits(result.row))
-
-    def _replay(self, mv: ModelVersion, record: SessionRecord, k: int) -> Answer:
-        logits = mv.layout.logits(record.row)
-        tokens, logprobs = top_logprobs(logits[None], k)
-        return Answer(record.position, tokens[0], logprobs[0], logits)
+    @staticmethod
+    def _kept(mv: ModelVersion, result):
+        """What a record keeps of its last step to answer a retry: nothing where the
+        adapter recomputes it from the row (the byte LM's logits are there)."""
+        return None if mv.layout.extra_size else result

@@ -1,9 +1,10 @@
 """A session's state as one compact float32 row, and how rows join and leave a batch.
 
 Each session keeps one contiguous float32 array ("row"): every state tensor the manifest
-lists (batch axis removed), then the logits after the last consumed token. The logits are
-kept because the next generated token is sampled from them and a retried step is answered
-from them; storing them costs one vocabulary of floats, far less than re-running the model.
+lists (batch axis removed), then `extra_size` floats its model's adapter keeps beside the
+state. The byte LM keeps the logits after the last consumed token there: the next generated
+token is sampled from them and a retried step is answered from them; storing them costs one
+vocabulary of floats, far less than re-running the model. A tensor model keeps none.
 
 `stack` builds the graph's state inputs from the rows of a batch (sessions join a batch);
 `unstack` turns the graph's outputs back into one fresh row per session (they leave it).
@@ -20,32 +21,36 @@ from .manifest import StateSpec
 
 
 class StateLayout:
-    def __init__(self, states: Sequence[StateSpec], vocab_size: int) -> None:
+    def __init__(self, states: Sequence[StateSpec], extra_size: int = 0) -> None:
         self.states = tuple(states)
-        self.vocab_size = vocab_size
+        self.extra_size = extra_size
         offsets, at = [], 0
         for s in self.states:
             offsets.append((at, at + s.size))
             at += s.size
         self.offsets = tuple(offsets)
         self.state_size = at  # floats of state proper
-        self.size = at + vocab_size  # floats in a row
+        self.size = at + extra_size  # floats in a row
 
     @property
     def state_bytes(self) -> int:
         return 4 * self.state_size
 
     def initial_row(self) -> np.ndarray:
-        """A fresh session: zero state, no logits yet (zeros)."""
+        """A fresh session: zero state, zero extras."""
         return np.zeros(self.size, dtype=np.float32)
 
-    def logits(self, row: np.ndarray) -> np.ndarray:
+    def extra(self, row: np.ndarray) -> np.ndarray:
         return row[self.state_size:]
+
+    def extras(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """The rows' extras as one (B, extra_size) array."""
+        return np.stack([row[self.state_size:] for row in rows])
 
     def stack(self, rows: Sequence[np.ndarray | None]) -> dict[str, np.ndarray]:
         """Graph state inputs for a batch; a None row is a stateless item (zero state)."""
         if all(row is not None for row in rows):
-            batch = np.stack(rows)  # one C-level copy; the logits columns are ignored below
+            batch = np.stack(rows)  # one C-level copy; the extra columns are ignored below
         else:
             batch = np.zeros((len(rows), self.state_size), dtype=np.float32)
             for i, row in enumerate(rows):
@@ -61,13 +66,15 @@ class StateLayout:
         """The graph's state outputs as the next call's state inputs (same batch, no copy)."""
         return {spec.input: outputs[spec.output] for spec in self.states}
 
-    def unstack(self, outputs: dict[str, np.ndarray], last_logits: np.ndarray) -> list[np.ndarray]:
-        """One new row per batch row from the graph's state outputs and last-step logits."""
-        n = last_logits.shape[0]
+    def unstack(self, outputs: dict[str, np.ndarray], extras: np.ndarray | None,
+                n: int) -> list[np.ndarray]:
+        """One new row per batch row (n rows) from the graph's state outputs and the rows'
+        extras (B, extra_size), if the adapter keeps any."""
         batch = np.empty((n, self.size), dtype=np.float32)
         for spec, (lo, hi) in zip(self.states, self.offsets, strict=True):
             batch[:, lo:hi] = np.moveaxis(outputs[spec.output], spec.batch_axis, 0).reshape(n, -1)
-        batch[:, self.state_size:] = last_logits
+        if self.extra_size:
+            batch[:, self.state_size:] = extras
         # One read-only array per row over its own bytes: `tobytes` copies while holding the
         # GIL, where numpy's own copy of a row this size would release and re-take it, and
         # each re-take can wait for the event loop (measured: the inference thread spent

@@ -18,7 +18,7 @@ from typing import Protocol
 
 class SessionRecord:
     __slots__ = ("session_id", "model", "version", "position", "row", "created_at",
-                 "last_used_at", "ttl_s", "last_start", "last_digest")
+                 "last_used_at", "ttl_s", "last_start", "last_digest", "last_result")
 
     def __init__(self, session_id: str, model: str, version: int, row, ttl_s: float,
                  now: float | None = None, position: int = 0) -> None:
@@ -26,13 +26,14 @@ class SessionRecord:
         self.session_id = session_id
         self.model = model
         self.version = version
-        self.position = position  # tokens consumed so far
-        self.row = row  # float32: state tensors, then the logits after the last token
+        self.position = position  # steps (the byte LM: tokens) consumed so far
+        self.row = row  # float32: state tensors, then the adapter's extras (state.py)
         self.created_at = now
         self.last_used_at = now
         self.ttl_s = ttl_s
         self.last_start: int = -1  # position before the last applied step (for retries)
-        self.last_digest: bytes | None = None  # digest of that step's tokens
+        self.last_digest: bytes | None = None  # digest of that step's inputs
+        self.last_result = None  # that step's result, where the row cannot recompute it
 
     @property
     def expires_at(self) -> float:

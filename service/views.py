@@ -6,7 +6,7 @@ import datetime as dt
 import json
 
 from .generation import EndEvent, Generation, TokenEvent
-from .sessions import Answer
+from .bytelm import Answer
 from .store import SessionRecord
 from .text import TOKEN_TEXT
 

@@ -13,11 +13,9 @@ import json
 import time
 
 from fastapi import WebSocket
-from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from . import views
-from .api import generation_args
 from .errors import (
     InvalidInput,
     InvalidJson,
@@ -28,7 +26,7 @@ from .errors import (
 )
 from .generation import TokenEvent
 from .runtime import Service
-from .schemas import StepRequest, WsGenerateFrame, _error, to_tokens
+from .schemas import WsGenerateFrame, parse
 
 ROUTE = "/v1/sessions/{session_id}/ws"
 CLOSE_UNKNOWN_SESSION = 4404
@@ -37,13 +35,6 @@ CLOSE_SHUTTING_DOWN = 1012  # "service restart"
 
 def _text(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _validate(model: type[BaseModel], obj):
-    try:
-        return model.model_validate(obj)
-    except ValidationError as e:
-        raise _error(e) from None
 
 
 async def session_socket(websocket: WebSocket) -> None:
@@ -93,21 +84,19 @@ async def _frame(svc: Service, websocket: WebSocket, session_id: str, raw) -> No
     if not isinstance(obj, dict):
         raise InvalidInput("the frame must be a JSON object")
     if "generate" in obj:
-        await _generate(svc, websocket, session_id, _validate(WsGenerateFrame, obj))
+        await _generate(svc, websocket, session_id, parse(WsGenerateFrame, obj))
         return
-    req: StepRequest = _validate(StepRequest, obj)
-    tokens = to_tokens(req.text, req.tokens, required=True, limit=s.max_tokens_per_request)
-    _, answer = await svc.sessions.step(session_id, tokens, req.position, req.top_k)
-    await websocket.send_text(_text(views.step_body(session_id, answer, req.return_logits)))
+    answer = await svc.plane.step(session_id, obj, {})
+    await websocket.send_text(_text(answer))
 
 
 async def _generate(svc: Service, websocket: WebSocket, session_id: str,
                     frame: WsGenerateFrame) -> None:
-    args = generation_args(frame.generate, svc.settings.max_generate_tokens)
+    args = svc.plane.generation_args(frame.generate)
     # Over a socket streaming is the default; "stream": false asks for one frame at the end.
     explicit = "stream" in frame.generate.model_fields_set
     stream = args["stream"] = frame.generate.stream or not explicit
-    gen = await svc.sessions.start_generation(session_id, **args)
+    gen = await svc.plane.start_generation(session_id, args)
     try:
         if not stream:
             await gen.done
