@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
-from . import api, views
+from . import api, v2, views
 from .errors import (
     InvalidInput,
     MethodNotAllowed,
@@ -170,6 +170,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
     # The API's routes go first, the hottest first (routes are matched in order).
     served = [WebSocketRoute(WS_PATH, session_socket)]
     served += [Route(r.path, r.endpoint, methods=[r.method]) for r in api.ROUTES]
+    served += v2.ROUTES
     app.router.routes[:0] = served
     app.add_middleware(RequestMiddleware, service=service)
 

@@ -16,6 +16,7 @@ from .scheduler import make_scheduler
 from .sessions import SessionManager
 from .settings import Settings
 from .store import SessionStore, open_store
+from .v2plane import V2Plane
 
 log = logging.getLogger("carousel.service")
 
@@ -29,6 +30,7 @@ class Service:
         self.store = store
         self.sessions: SessionManager | None = None
         self.plane = DataPlane(self)  # what every transport calls
+        self.v2 = V2Plane(self)  # the same, for the Open Inference Protocol
         self.ready = False
         self.draining = False
         self.inflight = 0  # HTTP requests and WebSocket messages being answered

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from .generation import EndEvent, Generation, TokenEvent
 from .bytelm import Answer
+from .generation import EndEvent, Generation, TokenEvent
 from .store import SessionRecord
 from .text import TOKEN_TEXT
 
