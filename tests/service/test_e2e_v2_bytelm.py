@@ -6,6 +6,10 @@ sequence is a session, so it batches with v1 sessions and keeps its state betwee
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +146,27 @@ def test_v2_errors_leave_the_sequence_unchanged(client, tiny):
                           sequence_end=True)
     np.testing.assert_allclose(result.as_numpy("logits")[0], ref.last(list(b"hello!")),
                                atol=TOL)
+
+
+def test_the_readme_example_runs(bundled_server):
+    """The README's v2 example as printed, pointed at a real server on the bundled models
+    (it names 127.0.0.1:8000; only the port changes). It prints the likeliest next byte
+    after each chunk of one sequence: the same bytes a v1 session stepped the same way
+    gives."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The Open Inference Protocol", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "127.0.0.1:8000" in code
+    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{bundled_server.port}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    import httpx
+
+    with httpx.Client(base_url=bundled_server.url, trust_env=False) as http:
+        sid = http.post("/v1/sessions", json={"model": "bytelm"}).json()["session_id"]
+        expected = []
+        for chunk in ("import o", "s\nimport s"):
+            answer = http.post(f"/v1/sessions/{sid}/step", json={"text": chunk, "top_k": 1})
+            expected.append(repr(bytes([answer.json()["top_k"][0]["token"]])))
+    assert done.stdout.splitlines() == expected
