@@ -240,6 +240,13 @@ def server(start_server, tiny_repo) -> Server:
     return start_server("tiny", {"CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]), **LIMITS})
 
 
+@pytest.fixture(scope="session")
+def bundled_server(start_server) -> Server:
+    """`carousel serve` with no repository setting: the bundled models (bytelm, bytegru), for
+    what a user sees (README examples, the playground's screenshot)."""
+    return start_server("bundled-shared", {})
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     report = yield
