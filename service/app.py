@@ -18,7 +18,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
-from . import api, v2, views
+from . import api, openai_api, playground, v2, views
 from .errors import (
     InvalidInput,
     MethodNotAllowed,
@@ -45,7 +45,8 @@ server-sent events, and a WebSocket per session. Errors are
 `{"error": {"code", "message"}}` with a meaningful status."""
 
 
-ROUTE_OF_ENDPOINT = {r.endpoint: r.path for r in api.ROUTES}
+ROUTE_OF_ENDPOINT = {r.endpoint: r.path
+                     for r in [*api.ROUTES, *openai_api.ROUTES, *playground.ROUTES]}
 
 
 async def read_asgi_body(scope, receive, limit: int) -> bytes:
@@ -171,6 +172,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
     served = [WebSocketRoute(WS_PATH, session_socket)]
     served += [Route(r.path, r.endpoint, methods=[r.method]) for r in api.ROUTES]
     served += v2.ROUTES
+    served += openai_api.ROUTES + playground.ROUTES  # /openai/v1/..., the playground page
     app.router.routes[:0] = served
     app.add_middleware(RequestMiddleware, service=service)
 

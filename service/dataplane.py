@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import views
-from .bytelm import digest
+from .bytelm import Answer, digest
 from .errors import EmptyInput, InvalidInput, RequestTooLarge, TooManyTokens, UnsupportedModel
 from .generation import Generation
 from .registry import ModelVersion
@@ -32,6 +32,7 @@ from .schemas import (
     to_tokens,
 )
 from .sessions import Step
+from .store import SessionRecord
 
 if TYPE_CHECKING:
     from .runtime import Service
@@ -136,12 +137,10 @@ class DataPlane:
         tokens = to_tokens(req.text, req.tokens, required=False,
                            limit=self.settings.max_tokens_per_request)
         mv = self.lm(req.model, req.version)
-        step = None if tokens is None else self.lm_step(mv, tokens, req.top_k)
-        record, outcome = await self.service.sessions.create(mv, req.ttl_s, step)
+        record, answer = await self.create_lm_session(mv, req.ttl_s, tokens, req.top_k)
         scope["carousel.model"] = record.model
         out = views.session_body(record)
-        if outcome is not None:
-            answer = mv.adapter.answer(outcome.result, outcome.row, outcome.position, mv.layout)
+        if answer is not None:
             out.update(views.answer_fields(answer, req.return_logits))
         return out
 
@@ -151,18 +150,35 @@ class DataPlane:
         req: StepRequest = parse(StepRequest, body)
         tokens = to_tokens(req.text, req.tokens, required=True,
                            limit=self.settings.max_tokens_per_request)
+        record, answer = await self.step_tokens(session_id, tokens, req.position, req.top_k)
+        scope["carousel.model"] = record.model
+        return views.step_body(session_id, answer, req.return_logits)
+
+    async def step_tokens(self, session_id: str, tokens: np.ndarray, position: int | None,
+                          k: int) -> tuple[SessionRecord, Answer]:
+        """Step a byte LM session with tokens (a retry with `position` is answered again)."""
 
         def prepare(mv: ModelVersion) -> Step:
             if not mv.is_lm:
                 self.lm(mv.name, mv.version)  # raises: not a byte LM session
-            return self.lm_step(mv, tokens, req.top_k)
+            return self.lm_step(mv, tokens, k)
 
         record, outcome = await self.service.sessions.step(
-            session_id, prepare, req.position, replay=self._lm_replay)
-        scope["carousel.model"] = record.model
+            session_id, prepare, position, replay=self._lm_replay)
         mv = self.model(record.model, record.version)
-        answer = mv.adapter.answer(outcome.result, outcome.row, outcome.position, mv.layout)
-        return views.step_body(session_id, answer, req.return_logits)
+        return record, mv.adapter.answer(outcome.result, outcome.row, outcome.position,
+                                         mv.layout)
+
+    async def create_lm_session(self, mv: ModelVersion, ttl_s: float | None,
+                                tokens: np.ndarray | None, k: int
+                                ) -> tuple[SessionRecord, Answer | None]:
+        """A byte LM session, primed with tokens if given."""
+        step = None if tokens is None else self.lm_step(mv, tokens, k)
+        record, outcome = await self.service.sessions.create(mv, ttl_s, step)
+        if outcome is None:
+            return record, None
+        return record, mv.adapter.answer(outcome.result, outcome.row, outcome.position,
+                                         mv.layout)
 
     @staticmethod
     def _lm_replay(mv: ModelVersion, record, step: Step):
