@@ -6,6 +6,7 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | status | code               | when                                                           |
 |--------|--------------------|----------------------------------------------------------------|
 | 400    | invalid_json       | the body is not JSON (or not UTF-8)                            |
+| 400    | invalid_v2_request | an Open Inference Protocol (v2) request the codec cannot parse |
 | 404    | not_found          | no such path                                                   |
 | 405    | method_not_allowed | the path exists, the method does not                           |
 | 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
@@ -62,6 +63,16 @@ class MethodNotAllowed(ServiceError):
 
 class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
+
+
+class InvalidV2Request(InvalidInput):
+    """A v2 (KServe / Triton) request that is malformed or does not fit the model.
+
+    A 400, not the 422 of its parent: the protocol answers every bad request with 400 and a
+    body of {"error": message}, and tritonclient only shows the message.
+    """
+
+    status, code = 400, "invalid_v2_request"
 
 
 class EmptyInput(InvalidInput):
