@@ -179,7 +179,7 @@ def parse_infer_request(body: bytes, header_length: int | str | None) -> InferRe
             f"{HEADER_LENGTH} is {header_length}, past the end of the {len(view)}-byte body")
     else:
         json_size = header_length
-    doc = _load_json(view[:json_size])
+    doc = _load_json(view[:json_size], has_header=header_length is not None)
     binary = _BinaryPart(view[json_size:], has_header=header_length is not None)
 
     request = _object(doc, "the request")
@@ -231,7 +231,7 @@ class _BinaryPart:
         self.data, self.pos, self.has_header = data, 0, has_header
 
     def take(self, size: int, where: str) -> memoryview:
-        if not self.has_header:
+        if size and not self.has_header:  # an empty tensor needs no bytes, as in Triton
             raise InvalidV2Request(
                 f"{where} has binary data (parameters.binary_data_size) but the request has no "
                 f"{HEADER_LENGTH} header saying where the JSON ends")
@@ -602,7 +602,7 @@ def encode_error(message: str) -> bytes:
 
 # --- helpers --------------------------------------------------------------------------------
 
-def _load_json(raw: memoryview):
+def _load_json(raw: memoryview, *, has_header: bool):
     try:
         text = bytes(raw).decode("utf-8")
     except UnicodeDecodeError as e:
@@ -611,9 +611,14 @@ def _load_json(raw: memoryview):
     try:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_float=_finite_float)
     except json.JSONDecodeError as e:
+        if not raw.nbytes:
+            hint = f" (an empty JSON part: check {HEADER_LENGTH})"
+        elif e.msg == "Extra data" and not has_header:  # likely binary data, header forgotten
+            hint = f"; binary tensor data after the JSON needs the {HEADER_LENGTH} header"
+        else:
+            hint = ""
         raise InvalidV2Request(
-            f"the request is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-            + ("" if raw.nbytes else f" (an empty JSON part: check {HEADER_LENGTH})")
+            f"the request is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}{hint}"
         ) from None
     except ValueError as e:  # the int digit limit (4300): str(e) says so
         raise InvalidV2Request(f"the request's JSON has a number that is too long: {e}") from None
