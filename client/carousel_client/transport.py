@@ -19,7 +19,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, W
 from websockets.sync.client import connect as sync_ws_connect
 
 from . import protocol
-from .errors import CarouselError, ConnectionFailed, ProtocolError, Timeout
+from .errors import (
+    STATUS_OF_CODE,
+    ApiError,
+    CarouselError,
+    ConnectionFailed,
+    ProtocolError,
+    Timeout,
+)
 from .ops import Call, CloseStream, Connect, NextEvent, OpenStream
 
 # ------------------------------------------------------------------------ HTTP
@@ -193,6 +200,19 @@ class WsSettings:
                                 may_have_applied=False)
 
 
+    def closed_error(self, e: ConnectionClosed | OSError, *, sent: bool) -> CarouselError:
+        """The error a closed socket means. The server closes with the error's code as the
+        reason when it refuses the socket itself (4404 unknown_session, 1012 shutting_down),
+        right after an error frame that may not have been read."""
+        close = getattr(e, "rcvd", None)
+        if close is not None and close.code in (4404, 1012) and close.reason in STATUS_OF_CODE:
+            return ApiError.of(close.reason, f"the server closed the WebSocket: {close.reason}",
+                               STATUS_OF_CODE[close.reason])
+        when = "the answer" if sent else "the frame went"
+        return ConnectionFailed(f"the WebSocket closed before {when} ({e})",
+                                may_have_applied=sent)
+
+
 WS_CONNECT_ERRORS = (OSError, TimeoutError, WebSocketException)
 
 
@@ -225,8 +245,7 @@ class WsTransport:
                 self.ws.send(frame)
             except (ConnectionClosed, OSError) as e:
                 self.close()
-                raise ConnectionFailed(f"the WebSocket closed before the frame went ({e})",
-                                       may_have_applied=False) from None
+                raise self.settings.closed_error(e, sent=False) from None
             return self.receive() if isinstance(action, Call) else self
         if isinstance(action, NextEvent):
             return self.receive()
@@ -246,8 +265,7 @@ class WsTransport:
             raise Timeout("no WebSocket answer in time", may_have_applied=True) from None
         except (ConnectionClosed, OSError) as e:
             self.close()
-            raise ConnectionFailed(f"the WebSocket closed before the answer ({e})",
-                                   may_have_applied=True) from None
+            raise self.settings.closed_error(e, sent=True) from None
         return protocol.ws_frame(raw)
 
 
@@ -278,8 +296,7 @@ class AsyncWsTransport:
                 await self.ws.send(frame)
             except (ConnectionClosed, OSError) as e:
                 await self.close()
-                raise ConnectionFailed(f"the WebSocket closed before the frame went ({e})",
-                                       may_have_applied=False) from None
+                raise self.settings.closed_error(e, sent=False) from None
             return (await self.receive()) if isinstance(action, Call) else self
         if isinstance(action, NextEvent):
             return await self.receive()
@@ -300,6 +317,5 @@ class AsyncWsTransport:
             raise Timeout("no WebSocket answer in time", may_have_applied=True) from None
         except (ConnectionClosed, OSError) as e:
             await self.close()
-            raise ConnectionFailed(f"the WebSocket closed before the answer ({e})",
-                                   may_have_applied=True) from None
+            raise self.settings.closed_error(e, sent=True) from None
         return protocol.ws_frame(raw)
