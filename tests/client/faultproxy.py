@@ -118,6 +118,7 @@ class FaultProxy:
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
         task = asyncio.current_task()
         self._tasks.add(task)
+        self.stats["connections"] += 1
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
