@@ -44,15 +44,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Stamps remember what was installed, so a second run skips pip until pyproject.toml changes.
-$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+# The client (./client, its own distribution: httpx and websockets only) goes in with both,
+# so `carousel chat` works after `make serve` and its tests run under `make test`.
+$(VENV)/.installed-serve: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(PIP) install --editable .
+	$(PIP) install --editable ./client
 	touch $@
 
 # The serving packages go in at the versions the image ships ($(LOCK)), so the tests run
 # what the container runs.
-$(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml client/pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install --constraint $(LOCK) --editable '.[test]'
+	$(PIP) install --constraint $(LOCK) --editable ./client
 	touch $@
 
 serve: $(VENV)/.installed-serve
