@@ -74,6 +74,11 @@ def io_spec(config) -> tuple[list[dict], list[dict], list[dict]]:
     return inputs, outputs, state
 
 
+def timestamp() -> str:
+    """When a version was written (the manifest's `exported_at`), UTC, to the second."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
 def graph_record(graph_path: Path) -> dict:
     """The manifest's `graph` block: the file beside the manifest, its digest and size."""
     return {"file": graph_path.name, "sha256": sha256_file(graph_path),
@@ -172,7 +177,7 @@ def build_manifest(
         "training": training,
         "quantization": quantization,
         "verification": verification,
-        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "exported_at": timestamp(),
         "tools": tool_versions(),
     }
 
