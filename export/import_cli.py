@@ -92,10 +92,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"constant: {c['name']} = {c['value']}"
               + (" (overridable)" if c["overridable"] else ""))
     sequence = manifest["sequence"]
-    print(f"time axis: {sequence['axis']!r}, lengths input: {sequence['lengths']}" if sequence
-          else "time axis: none (one step per call)")
+    if sequence:
+        lengths = (f"lengths input {sequence['lengths']!r}" if sequence["lengths"]
+                   else "no lengths input")
+        print(f"time axis: {sequence['axis']!r} ({lengths})")
+    else:
+        print("time axis: none (one step per call)")
     for check in manifest["verification"]["checks"]:
         worst = max(check["max_abs_diff"].values(), default=0.0)
-        print(f"verified {check['check']}: {check['cases']} cases, max abs diff {worst:.2e} "
+        print(f"verified {check['check']}: max abs diff {worst:.2e} "
               f"(tolerance {manifest['verification']['tolerance']:g})")
     return 0
