@@ -15,6 +15,8 @@ import sys
 COMMANDS = {
     "train": ("carousel.model.train", "train a recurrent byte-level language model"),
     "export": ("carousel.export.cli", "export a checkpoint to ONNX in the model repository"),
+    "import": ("carousel.export.import_cli",
+               "import a stateful ONNX graph (LSTM, GRU, ...) into the model repository"),
     "serve": ("carousel.service.cli", "serve the model repository over HTTP and WebSocket"),
     "bench": ("carousel.bench.cli", "run the benchmark suite (writes JSON, markdown, PNG)"),
     "chat": ("carousel_client.chat", "chat with a served model in the terminal"),

@@ -1,4 +1,5 @@
-"""Export checkpoints to ONNX graphs in a versioned model repository.
+"""Export checkpoints to ONNX graphs in a versioned model repository, and import stateful
+ONNX graphs from elsewhere into it (`carousel.export.importer.import_graph`, onnxruntime only).
 
 Importing this package is cheap: torch and onnx load only when `export_checkpoint` is first
 looked up (the service reads the repository with onnxruntime alone and never needs them).

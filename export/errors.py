@@ -1,4 +1,5 @@
-"""The export's one error hierarchy: the CLI turns any of them into a message and exit code 1."""
+"""The one error hierarchy of `carousel export` and `carousel import`: their CLIs turn any of
+them into a one-line message (export exits 1, import 2)."""
 
 from __future__ import annotations
 

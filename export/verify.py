@@ -56,8 +56,9 @@ def run_graph(session, state_names, tokens, state, lengths=None):
     return out[0], tuple(out[1:])
 
 
-class _Diffs:
-    """Largest difference seen per tensor, and the first case that broke the tolerance."""
+class Diffs:
+    """Largest difference seen per tensor, and the first case that broke the tolerance
+    (import's checks use it too)."""
 
     def __init__(self, tolerance: float):
         self.tolerance, self.max, self.cases, self.failure = tolerance, {}, 0, None
@@ -89,7 +90,7 @@ def compare_with_torch(model, session, seed: int = 0, tolerance: float = TOLERAN
     cfg = model.config
     names, L, H, V = cfg.state_names, cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     rng = np.random.default_rng(seed)
-    diffs = _Diffs(tolerance)
+    diffs = Diffs(tolerance)
 
     def torch_run(tokens, state, lengths=None):
         with torch.no_grad():

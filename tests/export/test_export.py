@@ -54,6 +54,25 @@ def test_export_writes_graph_and_manifest(tmp_path, make_checkpoint, variant):
     assert {"onnx", "onnxruntime", "torch", "python"} <= set(manifest["tools"])
 
 
+@pytest.mark.parametrize("corpus, public", [
+    ("python stdlib .py files under /root/.pyenv/versions/3.11.7/lib/python3.11",
+     "python stdlib .py files (Python 3.11)"),
+    ("files: /home/someone/data/notes.txt, /srv/corpora/python/, relative/dir/code.py",
+     "files: notes.txt, python, code.py"),
+    ("scraped from /mnt/build/cache/dump.txt on the CI box", "scraped from dump.txt on the CI box"),
+    ("test text", "test text"),
+])
+def test_manifest_names_no_build_machine_path(tmp_path, make_checkpoint, corpus, public):
+    """Manifests are served to clients: the corpus is described without its directories."""
+    _, ckpt = make_checkpoint("gru", num_layers=1)
+    ckpt["metrics"] = {"corpus": corpus}
+    folder = export_checkpoint(ckpt, tmp_path, "m")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["training"]["corpus"] == public
+    assert manifest["description"] == f"byte-level GRU language model trained on {public}"
+    assert str(tmp_path) not in (folder / "manifest.json").read_text()
+
+
 def test_service_view_needs_no_torch(tmp_path, make_checkpoint):
     """Read the version folder as the service does, in a process where torch cannot be
     imported, and get PyTorch's next-byte distribution for a sample text."""

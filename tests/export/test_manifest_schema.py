@@ -8,8 +8,8 @@ import json
 
 import jsonschema
 import pytest
-from carousel.export import export_checkpoint
-from carousel.export.manifest import load_schema
+from carousel.export import ExportError, export_checkpoint
+from carousel.export.manifest import load_schema, validate_manifest
 
 from carousel.paths import bundled_model_repository
 
@@ -36,6 +36,24 @@ def exported(tmp_path_factory, make_checkpoint):
 def test_exported_manifests_are_valid(validator, exported):
     for manifest in exported.values():
         validator.validate(manifest)
+        validate_manifest(manifest)  # the check `carousel import` runs before writing
+
+
+def test_exported_manifests_are_version_2_byte_lm(exported):
+    for variant, manifest in exported.items():
+        assert manifest["manifest_version"] == 2
+        assert manifest["adapter"] == {"type": "byte_lm", "tokens": "tokens", "logits": "logits"}
+        assert manifest["sequence"] == {"axis": "time", "lengths": "lengths"}
+        assert manifest["constants"] == []
+        assert manifest["source"] == {"kind": "export"}
+        assert manifest["description"].startswith("byte-level ")
+        assert ("GRU" in manifest["description"]) == (variant == "gru")
+
+
+def test_validate_manifest_names_the_broken_place(exported):
+    broken = mutate(exported["gru"], ("state", 0, "batch_axis"), -1)
+    with pytest.raises(ExportError, match="state/0/batch_axis"):
+        validate_manifest(broken)
 
 
 def mutate(manifest, path, value):
@@ -53,20 +71,35 @@ def mutate(manifest, path, value):
 
 @pytest.mark.parametrize("path, value", [
     (("graph", "sha256"), "not-a-digest"),
+    (("graph", "file"), "../model.onnx"),
     (("graph",), KeyError),
     (("state",), []),
     (("state", 0, "batch_axis"), -1),
     (("state", 0, "init"), "random"),
-    (("inputs", 0, "dtype"), "float64"),
+    (("state", 0, "dtype"), "float64"),
+    (("inputs", 0, "dtype"), "complex64"),
+    (("inputs", 0, "shape", 0), 0),
+    (("inputs", 0, "unit"), "bytes"),
+    (("outputs",), []),
+    (("constants",), [{"name": "gain", "dtype": "float32", "shape": [], "value": "high"}]),
+    (("constants",), [{"name": "gain", "dtype": "float32", "shape": ["batch"], "value": 1}]),
+    (("sequence",), KeyError),  # a byte_lm model must say where its time axis is
+    (("sequence", "axis"), ""),
+    (("adapter",), KeyError),
+    (("adapter", "type"), "chat"),
+    (("adapter", "logits"), KeyError),
+    (("tokenizer",), KeyError),
+    (("tokenizer", "type"), "bpe"),
+    (("source", "kind"), "download"),
     (("variant",), "transformer"),
     (("version",), 0),
     (("version",), "1"),
     (("name",), "../escape"),
-    (("tokenizer", "type"), "bpe"),
-    (("manifest_version",), 2),
+    (("manifest_version",), 1),
     (("quantization",), {"mode": "int8"}),
     (("exported_at",), "yesterday"),
-    (("training",), KeyError),
+    (("training", "corpus"), KeyError),
+    (("training", "steps"), -1),
 ])
 def test_schema_rejects_broken_manifests(validator, exported, path, value):
     broken = mutate(exported["lstm"], path, value)
