@@ -138,7 +138,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]  # BYTES: dtype=object arrays of bytes; in request order
     outputs: list[RequestedOutput] | None  # None: all outputs
     binary_output_default: bool  # parameters.binary_data_output (False if absent)
-    parameters: dict  # the request's parameters, sequence_* removed
+    parameters: dict  # the request's parameters, sequence_* removed (the rest pass through)
     sequence: Sequence | None
 
 
@@ -197,9 +197,12 @@ def parse_infer_request(body: bytes, header_length: int | str | None) -> InferRe
             f"parameters.binary_data_output must be true or false, "
             f"got {_kind(binary_output_default)}")
     for key, value in parameters.items():
+        _check_unicode(key, "a parameter name")
         if key not in _SEQUENCE_KEYS and not isinstance(value, str | int | float):
             raise InvalidV2Request(
                 f"parameter {key!r} must be a string, number or boolean, got {_kind(value)}")
+        if isinstance(value, str):
+            _check_unicode(value, f"parameter {key!r}")
 
     inputs_json = request.get("inputs")
     if not isinstance(inputs_json, list):
@@ -525,7 +528,9 @@ def encode_infer_response(*, model_name: str, model_version: str, request_id: st
                           binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
     """The response body and the headers that go with it.
 
-    Binary outputs' bytes follow the JSON in output order, as tritonclient reads them.
+    `binary` maps an output's name to whether it goes binary (see resolve_binary); a name
+    missing from it goes as JSON. Binary outputs' bytes follow the JSON in output order, as
+    tritonclient reads them.
     Raises InvalidV2Request only when the client asked for JSON of something JSON cannot
     carry (BYTES that are not UTF-8); a tensor that does not match its TensorMeta is a
     server bug (ValueError).

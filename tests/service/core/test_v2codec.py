@@ -446,6 +446,8 @@ BAD = {
     # parameters and sequences
     "parameters not an object": (body_of({"inputs": [X], "parameters": [1]}), None,
                                  "'parameters' must be a JSON object"),
+    "parameter lone surrogate": (b'{"inputs": [], "parameters": {"k": "\\udc80"}}', None,
+                                 "parameter 'k' is not valid Unicode"),
     "parameter a list": (with_parameters(tags=["a"]), None,
                          "parameter 'tags' must be a string, number or boolean"),
     "binary_data_output not bool": (with_parameters(binary_data_output=1), None,
