@@ -87,3 +87,25 @@ def test_async_streams_and_errors(server, api):
                 await client.session("nosuch")
 
     asyncio.run(main())
+
+
+def test_a_cancelled_task_stops_its_stream_and_keeps_the_session_consistent(server, api):
+    async def main() -> None:
+        async with AsyncClient(server.url, trust_env=False) as client:
+            async with client.session("utf8cycle", "x") as s:
+                pieces: list[str] = []
+
+                async def consume() -> None:
+                    async for piece in s.stream(max_tokens=5000, temperature=0):
+                        pieces.append(piece)
+
+                task = asyncio.create_task(consume())
+                while len(pieces) < 3:
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert s.position == api.position(s.id) >= 1 + 9
+                assert (await s.step("y")).position == s.position
+
+    asyncio.run(main())

@@ -61,7 +61,9 @@ def check_final_state(api, tiny, check, model: str, sid: str, text: str) -> None
 
 
 def test_async_sessions_step_exactly_once_through_faults(server, proxy, api, tiny, check):
-    proxy.plan = Plan(paths=r"/step$", drop=0.25, delay=0.04, busy=0.04, delay_s=1.6)
+    # The script makes sure of each kind of fault; the rates add many more at random.
+    proxy.plan = Plan(paths=r"/step$", drop=0.25, delay=0.04, busy=0.04, delay_s=1.6,
+                      script=["drop", "delay", "busy", "drop", "pass", "drop", "delay"])
     rng = random.Random(1)
     plans = [(("tinylstm", "tinygru")[i % 2], random_chunks(rng, 1)[0], random_chunks(rng, 12))
              for i in range(16)]
@@ -85,12 +87,13 @@ def test_async_sessions_step_exactly_once_through_faults(server, proxy, api, tin
         text = prime + "".join(chunks)
         check_answers(results, text, tiny[model], check)
         check_final_state(api, tiny, check, model, sid, text)
-    assert proxy.stats["drop"] >= 20 and proxy.stats["delay"] >= 2 and proxy.stats["busy"] >= 2, \
+    assert proxy.stats["drop"] >= 20 and proxy.stats["delay"] >= 2 and proxy.stats["busy"] >= 1, \
         proxy.stats  # the faults really happened
 
 
 def test_sync_sessions_in_threads_step_exactly_once(server, proxy, api, tiny, check):
-    proxy.plan = Plan(paths=r"/step$", drop=0.3, delay=0.05, delay_s=1.6)
+    proxy.plan = Plan(paths=r"/step$", drop=0.3, delay=0.05, delay_s=1.6,
+                      script=["drop", "drop", "delay", "drop", "drop", "drop"])
     rng = random.Random(2)
     plans = [("tinylstm", random_chunks(rng, 1)[0], random_chunks(rng, 10)) for _ in range(4)]
     outcomes: list = [None] * len(plans)
@@ -116,7 +119,8 @@ def test_sync_sessions_in_threads_step_exactly_once(server, proxy, api, tiny, ch
 
 def test_websocket_steps_exactly_once_through_dropped_sockets(server, proxy, api, tiny, check):
     """A dropped socket is reopened and the step sent again with the same position."""
-    proxy.plan = Plan(paths=r"/ws$", drop=0.25, delay=0.03, delay_s=1.6)
+    proxy.plan = Plan(paths=r"/ws$", drop=0.25, delay=0.03, delay_s=1.6,
+                      script=["drop", "drop", "delay", "drop", "drop", "drop"])
     rng = random.Random(3)
     plans = [(("tinygru", "tinylstm")[i % 2], random_chunks(rng, 1)[0], random_chunks(rng, 10))
              for i in range(6)]
@@ -144,7 +148,7 @@ def test_a_stream_broken_mid_way_leaves_the_position_equal_to_the_servers(server
                     pass
             assert isinstance(e.value.cause, ConnectionFailed), e.value.cause
             assert e.value.code == "interrupted" and e.value.text.startswith("é€😀")
-            assert s.position == api.position(s.id) > 1 + len(e.value.text.encode())
+            assert s.position == api.position(s.id) >= 1 + len(e.value.text.encode())
             assert s.step("y").position == s.position  # the session goes on
     assert proxy.stats["cut"] == 1
 
