@@ -20,6 +20,7 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 404    | unknown_version    | the model exists, that version does not                        |
 | 404    | unknown_session    | no such session, or it expired                                 |
 | 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
+| 429    | tenant_queue_full  | the tenant holds its share of the model's queue (Retry-After)  |
 | 503    | queue_full         | the model's work queue is full (has Retry-After)               |
 | 503    | not_ready          | models are still loading or the store is unreachable           |
 | 503    | shutting_down      | the server is draining after SIGTERM                           |
@@ -146,6 +147,13 @@ class NotReady(Unavailable):
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
+
+
+class TenantQueueFull(ServiceError):
+    """A tenant holds its share of a model's queue while other tenants have work queued: a
+    429 (its own load, not the server's), and the others' work still gets in."""
+
+    status, code = 429, "tenant_queue_full"
 
 
 class InferenceFailed(ServiceError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import Stream
-from .errors import AtCapacity, InvalidInput, PositionMismatch, QueueFull, UnknownSession
+from .errors import AtCapacity, InvalidInput, PositionMismatch, UnknownSession
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import SessionRecord, SessionStore
@@ -86,7 +86,8 @@ class SessionManager:
 
     async def create(self, mv: ModelVersion, ttl_s: float | None = None,
                      step: Step | None = None, session_id: str | None = None,
-                     replace: bool = False) -> tuple[SessionRecord, Outcome | None]:
+                     replace: bool = False, *, tenant: str | None = None,
+                     ) -> tuple[SessionRecord, Outcome | None]:
         """A new session, primed with `step` if given (the priming runs before the session
         exists: a failure leaves none). `session_id` names it (a v2 sequence); `replace`
         starts that id afresh if it is live."""
@@ -100,7 +101,7 @@ class SessionManager:
             row, position = self._zero_row(mv), 0
             if step is not None:
                 result = await mv.scheduler.run(session_id, step.inputs, step.length, None,
-                                                step.options)
+                                                step.options, tenant)
                 row, position = result.row, step.length
                 outcome = Outcome(row, position, result.result)
             record = SessionRecord(session_id, mv.name, mv.version, row, ttl, position=position)
@@ -155,7 +156,7 @@ class SessionManager:
 
     async def step(self, session_id: str, prepare: Callable[[ModelVersion], Step],
                    position: int | None = None, *, replay: Callable | None = None,
-                   ) -> tuple[SessionRecord, Outcome]:
+                   tenant: str | None = None) -> tuple[SessionRecord, Outcome]:
         """Apply a step. `prepare(mv)` builds it once the session's model is known (and
         raises for bad input, changing nothing). With `position`: apply only if the session
         is there; if this exact step (same position, same digest) was the last one applied,
@@ -173,7 +174,7 @@ class SessionManager:
                     return record, Outcome(record.row, record.position, result, True)
                 raise PositionMismatch(position, record.position)
             result = await mv.scheduler.run(session_id, step.inputs, step.length, record.row,
-                                            step.options)
+                                            step.options, tenant)
             record.row = result.row
             record.last_start, record.last_digest = record.position, step.digest
             record.last_result = self._kept(mv, result.result)
@@ -186,14 +187,13 @@ class SessionManager:
         self.hooks.consumed(mv.name, mv.version, step.length)
         return record, Outcome(record.row, record.position, result.result)
 
-    async def predict(self, mv: ModelVersion, steps: list[Step]) -> list[Outcome]:
+    async def predict(self, mv: ModelVersion, steps: list[Step], *,
+                      tenant: str | None = None) -> list[Outcome]:
         """Stateless: each step from a zero state, batched with everything else queued."""
         scheduler = mv.scheduler
-        if scheduler.queued + len(steps) > scheduler.max_queue:
-            raise QueueFull(f"{mv.name}: the queue cannot take {len(steps)} more inputs now",
-                            retry_after=1)
+        scheduler.check_room(len(steps), tenant)  # all of them or none
         results = await asyncio.gather(
-            *(scheduler.run(None, s.inputs, s.length, None, s.options) for s in steps))
+            *(scheduler.run(None, s.inputs, s.length, None, s.options, tenant) for s in steps))
         self.hooks.consumed(mv.name, mv.version, sum(s.length for s in steps))
         return [Outcome(r.row, s.length, r.result) for r, s in zip(results, steps, strict=True)]
 
