@@ -1,5 +1,6 @@
 """HTTP routes (v1). Thin: read the body, call the data plane (dataplane.py), which
-validates, runs and shapes the answer; render it.
+validates, runs and shapes the answer; render it. The caller's tenant, which the request
+middleware put in the scope (auth.py), goes along with every call.
 
 These are plain Starlette routes (`ROUTES`, mounted first by app.py) rather than FastAPI
 path operations: a step is the hot path, and FastAPI's per-request dependency solving and
@@ -17,6 +18,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from . import views
+from .auth import tenant_of
 from .dataplane import DataPlane
 from .errors import RequestTooLarge
 from .runtime import Service
@@ -101,7 +103,7 @@ async def predict(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
     out = await dp.predict(request.path_params["name"], body,
-                           request.query_params.get("version"))
+                           request.query_params.get("version"), tenant=tenant_of(request.scope))
     request.scope["carousel.model"] = out["model"]
     return json_response(out)
 
@@ -114,7 +116,8 @@ async def predict(request: Request) -> Response:
 async def create_session(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.create_session(body, request.scope), 201)
+    return json_response(await dp.create_session(body, request.scope,
+                                                 tenant=tenant_of(request.scope)), 201)
 
 
 @route("POST", "/v1/sessions/{session_id}/step",
@@ -123,7 +126,8 @@ async def step(request: Request) -> Response:
     # Served by app.RequestMiddleware's fast path; this route documents it and answers 405s.
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.step(request.path_params["session_id"], body, request.scope))
+    return json_response(await dp.step(request.path_params["session_id"], body, request.scope,
+                                       tenant=tenant_of(request.scope)))
 
 
 @route("POST", "/v1/sessions/{session_id}/generate",
@@ -132,7 +136,7 @@ async def generate(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    gen, args = await dp.generate(session_id, body)
+    gen, args = await dp.generate(session_id, body, tenant=tenant_of(request.scope))
     request.scope["carousel.model"] = gen.model
     if args["stream"]:
         return EventStream(_sse(gen, args["seed"]), media_type="text/event-stream",
@@ -170,12 +174,13 @@ class EventStream(StreamingResponse):
 @route("GET", "/v1/sessions/{session_id}", "A session's position and times")
 async def get_session(request: Request) -> Response:
     return json_response(await plane(request).get_session(
-        request.path_params["session_id"], request.scope))
+        request.path_params["session_id"], request.scope, tenant=tenant_of(request.scope)))
 
 
 @route("DELETE", "/v1/sessions/{session_id}", "Delete a session", status=204)
 async def delete_session(request: Request) -> Response:
-    await plane(request).delete_session(request.path_params["session_id"])
+    await plane(request).delete_session(request.path_params["session_id"],
+                                        tenant=tenant_of(request.scope))
     return Response(status_code=204)
 
 
@@ -186,4 +191,4 @@ async def fork_session(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
     return json_response(await dp.fork(request.path_params["session_id"], body,
-                                       request.scope), 201)
+                                       request.scope, tenant=tenant_of(request.scope)), 201)

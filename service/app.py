@@ -1,7 +1,9 @@
 """`create_app(settings)`: the FastAPI app around the service core.
 
-Here, and only here, errors become JSON responses (`error_response`); the request middleware
-counts requests for /metrics and for draining, and refuses new work once SIGTERM arrived.
+Here, and only here, errors become JSON responses (`error_response`; the v2 and OpenAI routes
+have their own shapes, `protocol_error_response` picks by path); the request middleware
+authenticates every request first (auth.py), counts requests for /metrics and for
+draining, and refuses new work once SIGTERM arrived.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.routing import Route, WebSocketRoute
 
-from . import api, openai_api, playground, v2, views
+from . import api, openai_api, openai_views, playground, v2, views
+from .auth import TENANT
 from .errors import (
     InvalidInput,
     MethodNotAllowed,
@@ -72,14 +75,44 @@ def error_response(error: ServiceError) -> Response:
                     media_type="application/json", headers=error.headers())
 
 
+def protocol_error_response(path: str, error: ServiceError) -> Response:
+    """An error answered before routing (no key, over a limit) in the shape of the protocol
+    the path belongs to."""
+    first = path.split("/", 2)[1] if path.startswith("/") else ""
+    if first == "v2":
+        return v2.error_response(error)
+    if first == "openai":
+        return openai_views.error_response(error)
+    return error_response(error)
+
+
+def _header_pairs(error: ServiceError) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in (error.headers() or {}).items()]
+
+
+async def refuse_handshake(receive, send, scope, error: ServiceError) -> None:
+    """Refuse a WebSocket before accepting it: an HTTP answer with the error's status, headers
+    and body where the server can send one (uvicorn can), else a close with 4000 + status."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 4000 + error.status,
+                    "reason": error.code})
+        return
+    body = views.dumps(error_body(error))
+    await send({"type": "websocket.http.response.start", "status": error.status, "headers": [
+        JSON_HEADER, (b"content-length", str(len(body)).encode()), *_header_pairs(error)]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 STEP_ROUTE = "/v1/sessions/{session_id}/step"
 JSON_HEADER = (b"content-type", b"application/json")
 
 
 class RequestMiddleware:
-    """Pure ASGI (cheap): counts in-flight requests, records metrics, refuses /v1 work while
-    draining, and serves the hot route, POST /step, itself.
+    """Pure ASGI (cheap): authenticates (auth.py: the tenant goes in the scope, a WebSocket
+    handshake is checked before it is accepted), counts in-flight requests, records
+    metrics, refuses /v1 work while draining, and serves the hot route, POST /step, itself.
 
     A step is the one request clients send thousands of times a second, and the framework's
     layers (exception middleware, router, request/response objects) cost more than the rest
@@ -92,6 +125,12 @@ class RequestMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.service.auth.enabled:
+                try:
+                    self.service.auth.authenticate(scope)
+                except ServiceError as e:
+                    await refuse_handshake(receive, send, scope, e)
+                    return
             await self.app(scope, receive, send)
             return
         svc = self.service
@@ -111,6 +150,13 @@ class RequestMiddleware:
 
         svc.inflight += 1
         try:
+            if svc.auth.enabled:
+                try:
+                    svc.auth.authenticate(scope)
+                except ServiceError as e:
+                    status = e.status
+                    await protocol_error_response(scope["path"], e)(scope, receive, send)
+                    return
             step = STEP_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
             if step is not None:
                 scope["carousel.route"] = STEP_ROUTE
@@ -127,11 +173,11 @@ class RequestMiddleware:
         svc = self.service
         try:
             body = await read_asgi_body(scope, receive, svc.settings.max_body_bytes)
-            answer = await svc.plane.step(session_id, body, scope)
+            answer = await svc.plane.step(session_id, body, scope, tenant=scope.get(TENANT))
             status, payload, extra = 200, views.dumps(answer), ()
         except ServiceError as e:
             status, payload = e.status, views.dumps(error_body(e))
-            extra = tuple((k.lower().encode(), v.encode()) for k, v in (e.headers() or {}).items())
+            extra = tuple(_header_pairs(e))
         await send({"type": "http.response.start", "status": status, "headers": [
             JSON_HEADER, (b"content-length", str(len(payload)).encode()), *extra]})
         await send({"type": "http.response.body", "body": payload})

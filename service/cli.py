@@ -1,11 +1,16 @@
 """`carousel serve`: every setting is a flag (help from the setting's description); a flag
-given overrides the CAROUSEL_* environment, which overrides the defaults."""
+given overrides the CAROUSEL_* environment, which overrides the defaults.
+
+Before anything binds, the keys are checked (auth.py): unusable keys, or a non-loopback
+address with no keys and no explicit opt-out, end the command with status 2 and a message
+that says what to set. Error messages never quote a setting's value (it may be a key)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -27,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text,
                                 action=argparse.BooleanOptionalAction)
             continue
+        if typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text,
+                                choices=typing.get_args(kind))
+            continue
         convert = {int: int, float: float, Path: Path}.get(kind, str)
         parser.add_argument(_flag(name), dest=name, default=None, type=convert, help=help_text,
                             metavar=name.upper())
@@ -41,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
     except ValidationError as e:
-        print(f"carousel serve: invalid settings:\n{e}", file=sys.stderr)
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors(include_input=False, include_url=False))
+        print(f"carousel serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace"
                         else "DEBUG", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"carousel serve: model repository {settings.model_repository} does not exist "
               "(set --model-repository or CAROUSEL_MODEL_REPOSITORY)", file=sys.stderr)
         return 2
+    from .auth import AuthConfigError, is_loopback, refusal
     from .manifest import ManifestError
     from .registry import read_repository
 
@@ -57,7 +69,19 @@ def run(args: argparse.Namespace) -> int:
     except ManifestError as e:
         print(f"carousel serve: {e}", file=sys.stderr)
         return 2
+    if (reason := refusal(settings)) is not None:
+        print(f"carousel serve: {reason}", file=sys.stderr)
+        return 2
     from .app import create_app  # the heavy imports only once the flags are good
     from .server import run_server
 
-    return run_server(create_app(settings), settings)
+    try:
+        app = create_app(settings)
+    except AuthConfigError as e:
+        print(f"carousel serve: {e}", file=sys.stderr)
+        return 2
+    if not app.state.service.auth.enabled and not is_loopback(settings.host):
+        logging.getLogger("carousel.service").warning(
+            "serving on %s WITHOUT authentication (CAROUSEL_ALLOW_UNAUTHENTICATED): anyone "
+            "who reaches the port can use every session", settings.host)
+    return run_server(app, settings)

@@ -7,6 +7,11 @@ The v1 API is the byte LM's: text or tokens in, the next-token answer out, gener
 Open Inference Protocol serves every model through its named tensors (v2.py). Both reach
 the same sessions, scheduler and adapters, so a v2 sequence of a byte LM and a v1 session
 of it batch together.
+
+Every operation takes the caller's `tenant` (auth.py; None on a server without keys), which
+the transport read from the request's scope, and passes it to the session manager: that is
+where a session is found to be the caller's or not to exist, and where the tenant's limits
+are kept.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .sessions import Step
 from .store import SessionRecord
 
 if TYPE_CHECKING:
+    from .auth import Tenant
     from .runtime import Service
 
 
@@ -90,7 +96,8 @@ class DataPlane:
     def lm_step(self, mv: ModelVersion, tokens: np.ndarray, k: int) -> Step:
         return Step(mv.adapter.inputs(tokens), len(tokens), k, digest(tokens))
 
-    async def predict(self, name: str, body: bytes, query_version: str | None) -> dict:
+    async def predict(self, name: str, body: bytes, query_version: str | None, *,
+                      tenant: Tenant | None = None) -> dict:
         self.service.check_accepting()
         req: PredictRequest = parse(PredictRequest, body)
         s = self.settings
@@ -122,7 +129,7 @@ class DataPlane:
             raise RequestTooLarge(f"{len(inputs)} inputs can never fit the queue of "
                                   f"{mv.scheduler.max_queue}; send fewer at once")
         steps = [self.lm_step(mv, x, req.top_k) for x in inputs]
-        outcomes = await self.service.sessions.predict(mv, steps)
+        outcomes = await self.service.sessions.predict(mv, steps, tenant=tenant)
         outputs = []
         for x, outcome in zip(inputs, outcomes, strict=True):
             answer = mv.adapter.answer(outcome.result, outcome.row, len(x), mv.layout)
@@ -131,31 +138,36 @@ class DataPlane:
             outputs.append({"length": len(x), **fields})
         return {"model": mv.name, "version": mv.version, "outputs": outputs}
 
-    async def create_session(self, body: bytes, scope: dict) -> dict:
+    async def create_session(self, body: bytes, scope: dict, *,
+                             tenant: Tenant | None = None) -> dict:
         self.service.check_accepting()
         req: CreateSessionRequest = parse(CreateSessionRequest, body)
         tokens = to_tokens(req.text, req.tokens, required=False,
                            limit=self.settings.max_tokens_per_request)
         mv = self.lm(req.model, req.version)
-        record, answer = await self.create_lm_session(mv, req.ttl_s, tokens, req.top_k)
+        record, answer = await self.create_lm_session(mv, req.ttl_s, tokens, req.top_k,
+                                                      tenant=tenant)
         scope["carousel.model"] = record.model
         out = views.session_body(record)
         if answer is not None:
             out.update(views.answer_fields(answer, req.return_logits))
         return out
 
-    async def step(self, session_id: str, body: bytes | str | dict, scope: dict) -> dict:
+    async def step(self, session_id: str, body: bytes | str | dict, scope: dict, *,
+                   tenant: Tenant | None = None) -> dict:
         """A step from its JSON body (or a WebSocket frame's object) to its answer."""
         self.service.check_accepting()
         req: StepRequest = parse(StepRequest, body)
         tokens = to_tokens(req.text, req.tokens, required=True,
                            limit=self.settings.max_tokens_per_request)
-        record, answer = await self.step_tokens(session_id, tokens, req.position, req.top_k)
+        record, answer = await self.step_tokens(session_id, tokens, req.position, req.top_k,
+                                                tenant=tenant)
         scope["carousel.model"] = record.model
         return views.step_body(session_id, answer, req.return_logits)
 
     async def step_tokens(self, session_id: str, tokens: np.ndarray, position: int | None,
-                          k: int) -> tuple[SessionRecord, Answer]:
+                          k: int, *, tenant: Tenant | None = None
+                          ) -> tuple[SessionRecord, Answer]:
         """Step a byte LM session with tokens (a retry with `position` is answered again)."""
 
         def prepare(mv: ModelVersion) -> Step:
@@ -164,17 +176,18 @@ class DataPlane:
             return self.lm_step(mv, tokens, k)
 
         record, outcome = await self.service.sessions.step(
-            session_id, prepare, position, replay=self._lm_replay)
+            session_id, prepare, position, replay=self._lm_replay, tenant=tenant)
         mv = self.model(record.model, record.version)
         return record, mv.adapter.answer(outcome.result, outcome.row, outcome.position,
                                          mv.layout)
 
     async def create_lm_session(self, mv: ModelVersion, ttl_s: float | None,
-                                tokens: np.ndarray | None, k: int
+                                tokens: np.ndarray | None, k: int, *,
+                                tenant: Tenant | None = None
                                 ) -> tuple[SessionRecord, Answer | None]:
-        """A byte LM session, primed with tokens if given."""
+        """A byte LM session of `tenant`, primed with tokens if given."""
         step = None if tokens is None else self.lm_step(mv, tokens, k)
-        record, outcome = await self.service.sessions.create(mv, ttl_s, step)
+        record, outcome = await self.service.sessions.create(mv, ttl_s, step, tenant=tenant)
         if outcome is None:
             return record, None
         return record, mv.adapter.answer(outcome.result, outcome.row, outcome.position,
@@ -199,7 +212,8 @@ class DataPlane:
         return {"params": SamplingParams(req.temperature, req.top_k, req.top_p), "seed": seed,
                 "max_tokens": req.max_tokens, "stop": stop, "stream": req.stream}
 
-    async def start_generation(self, session_id: str, args: dict) -> Generation:
+    async def start_generation(self, session_id: str, args: dict, *,
+                               tenant: Tenant | None = None) -> Generation:
         """Start a generation on a session with checked options (generation_args)."""
         self.service.check_accepting()
 
@@ -212,27 +226,36 @@ class DataPlane:
             return Generation(key=session_id, row=record.row, position=record.position,
                               model=record.model, **args)
 
-        return await self.service.sessions.start_stream(session_id, make)
+        return await self.service.sessions.start_stream(session_id, make, tenant=tenant,
+                                                        budget=args["max_tokens"])
 
-    async def generate(self, session_id: str, body: bytes) -> tuple[Generation, dict]:
+    async def generate(self, session_id: str, body: bytes, *,
+                       tenant: Tenant | None = None) -> tuple[Generation, dict]:
         self.service.check_accepting()
         req: GenerateRequest = parse(GenerateRequest, body)
         args = self.generation_args(req)
-        return await self.start_generation(session_id, args), args
+        return await self.start_generation(session_id, args, tenant=tenant), args
 
     # ------------------------------------------------------------------ sessions
 
-    async def get_session(self, session_id: str, scope: dict) -> dict:
-        record = await self.service.sessions.get(session_id)
+    async def session(self, session_id: str, *, tenant: Tenant | None = None
+                      ) -> SessionRecord:
+        """The caller's session (UnknownSession if it is missing or another tenant's)."""
+        return await self.service.sessions.get(session_id, tenant)
+
+    async def get_session(self, session_id: str, scope: dict, *,
+                          tenant: Tenant | None = None) -> dict:
+        record = await self.session(session_id, tenant=tenant)
         scope["carousel.model"] = record.model
         return views.session_body(record)
 
-    async def delete_session(self, session_id: str) -> None:
-        await self.service.sessions.delete(session_id)
+    async def delete_session(self, session_id: str, *, tenant: Tenant | None = None) -> None:
+        await self.service.sessions.delete(session_id, tenant)
 
-    async def fork(self, session_id: str, body: bytes, scope: dict) -> dict:
+    async def fork(self, session_id: str, body: bytes, scope: dict, *,
+                   tenant: Tenant | None = None) -> dict:
         self.service.check_accepting()
         ttl = parse(ForkRequest, body).ttl_s if body.strip() else None  # the body is optional
-        record = await self.service.sessions.fork(session_id, ttl)
+        record = await self.service.sessions.fork(session_id, ttl, tenant=tenant)
         scope["carousel.model"] = record.model
         return {**views.session_body(record), "parent_id": session_id}

@@ -7,6 +7,8 @@ routes and the WebSocket both render it with `error_body`. The codes:
 |--------|--------------------|----------------------------------------------------------------|
 | 400    | invalid_json       | the body is not JSON (or not UTF-8)                            |
 | 400    | invalid_v2_request | an Open Inference Protocol (v2) request the codec cannot parse |
+| 401    | unauthorized       | no API key, or not a valid one (has WWW-Authenticate)          |
+| 403    | forbidden          | a valid key without the admin mark, on an admin route          |
 | 404    | not_found          | no such path                                                   |
 | 405    | method_not_allowed | the path exists, the method does not                           |
 | 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
@@ -18,9 +20,12 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 422    | unsupported_model  | a v1 (text/tokens) call on a tensor model: use the v2 API      |
 | 404    | unknown_model      | no model of that name                                          |
 | 404    | unknown_version    | the model exists, that version does not                        |
-| 404    | unknown_session    | no such session, or it expired                                 |
-| 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
+| 404    | unknown_session    | no such session, it expired, or another tenant's               |
+| 429    | rate_limited       | the tenant's requests/s or tokens/s bucket is empty (has       |
+|        |                    | Retry-After)                                                   |
+| 429    | tenant_limit       | the tenant holds its most sessions or generations (Retry-After)|
 | 429    | tenant_queue_full  | the tenant holds its share of the model's queue (Retry-After)  |
+| 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
 | 503    | queue_full         | the model's work queue is full (has Retry-After)               |
 | 503    | not_ready          | models are still loading or the store is unreachable           |
 | 503    | shutting_down      | the server is draining after SIGTERM                           |
@@ -49,6 +54,45 @@ class ServiceError(Exception):
         if self.retry_after is None:
             return None
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that is not valid. The challenge says which (RFC 6750): a request
+    without credentials gets the bare challenge, a wrong key `error="invalid_token"`."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.challenge = 'Bearer realm="carousel"' + (
+            ', error="invalid_token"' if invalid_token else "")
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": self.challenge}
+
+
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class RateLimited(ServiceError):
+    """A tenant's request or token bucket is empty (always has Retry-After)."""
+
+    status, code = 429, "rate_limited"
+
+
+class TenantLimit(RateLimited):
+    """A tenant holds as many sessions or generations as it may: a 429, not a 403, because
+    it passes as the tenant's own sessions end (Retry-After says when to look again)."""
+
+    code = "tenant_limit"
+
+
+class TenantQueueFull(RateLimited):
+    """A tenant holds its share of a model's queue while other tenants have work queued: a
+    429 (its own load, not the server's), and the others' work still gets in."""
+
+    code = "tenant_queue_full"
 
 
 class InvalidJson(ServiceError):
@@ -147,13 +191,6 @@ class NotReady(Unavailable):
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
-
-
-class TenantQueueFull(ServiceError):
-    """A tenant holds its share of a model's queue while other tenants have work queued: a
-    429 (its own load, not the server's), and the others' work still gets in."""
-
-    status, code = 429, "tenant_queue_full"
 
 
 class InferenceFailed(ServiceError):

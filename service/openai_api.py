@@ -14,11 +14,15 @@ conversation is never read again from its start: each turn costs only its new by
 
 Like api.py these are plain Starlette routes (`ROUTES`, mounted by app.py). Every call into
 the service core is in `Run` below, and they are the calls api.py makes
-(the data plane's `create_lm_session`, `step_tokens`, `start_generation`, and
-`svc.sessions.get/delete`, `svc.registry`), so a redesign
+(the data plane's `create_lm_session`, `step_tokens`, `start_generation`, `session`,
+`delete_session`, and `svc.registry`), so a redesign
 of the core behind them is followed here in one place. Errors are the service's one
 hierarchy, rendered in OpenAI's shape by openai_views.error_response for every route here,
 unknown paths under /openai included.
+
+With API keys the openai package's `api_key` is the carousel key (it sends it as
+`Authorization: Bearer`); a completion's session, made for it or continued, is the
+caller's tenant's, like every session.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from starlette.routing import Route
 
 from . import openai_views as out
 from .api import EventStream, json_response, read_body, service
+from .auth import Tenant, tenant_of
 from .errors import (
     EmptyInput,
     InferenceFailed,
@@ -95,6 +100,7 @@ class Run:
     The only code here that calls into the service core."""
 
     svc: Service
+    tenant: Tenant | None
     session_id: str
     owned: bool
     model: str  # the answer's model id, name:version
@@ -102,16 +108,17 @@ class Run:
     closed: bool = False
 
     @classmethod
-    async def fresh(cls, svc: Service, name: str, version: int, prompt: np.ndarray) -> Run:
+    async def fresh(cls, svc: Service, tenant: Tenant | None, name: str, version: int,
+                    prompt: np.ndarray) -> Run:
         record, _ = await svc.plane.create_lm_session(svc.plane.lm(name, version), None,
-                                                      prompt, 0)
-        return cls(svc, record.session_id, True, model_id(record.model, record.version))
+                                                      prompt, 0, tenant=tenant)
+        return cls(svc, tenant, record.session_id, True, model_id(record.model, record.version))
 
     @classmethod
-    async def resume(cls, svc: Service, ext: CarouselExtension, name: str,
-                     version: int | None, prompt: np.ndarray) -> Run:
+    async def resume(cls, svc: Service, tenant: Tenant | None, ext: CarouselExtension,
+                     name: str, version: int | None, prompt: np.ndarray) -> Run:
         with about("carousel.session_id"):
-            record = await svc.sessions.get(ext.session_id)
+            record = await svc.plane.session(ext.session_id, tenant=tenant)
         if record.model != name or version not in (None, record.version):
             raise InvalidInput(
                 f"model: session {ext.session_id!r} runs {model_id(record.model, record.version)}"
@@ -119,17 +126,19 @@ class Run:
                 param="model")
         try:
             if prompt.size:
-                await svc.plane.step_tokens(ext.session_id, prompt, ext.position, 0)
+                await svc.plane.step_tokens(ext.session_id, prompt, ext.position, 0,
+                                            tenant=tenant)
             elif ext.position is not None and ext.position != record.position:
                 raise PositionMismatch(ext.position, record.position)
         except PositionMismatch as e:
             e.extra["param"] = "carousel.position"
             raise
-        return cls(svc, ext.session_id, False, model_id(record.model, record.version))
+        return cls(svc, tenant, ext.session_id, False, model_id(record.model, record.version))
 
     async def generate(self, args: dict) -> Generation:
         try:
-            self.gen = await self.svc.plane.start_generation(self.session_id, args)
+            self.gen = await self.svc.plane.start_generation(self.session_id, args,
+                                                             tenant=self.tenant)
         except BaseException:
             await self.close()
             raise
@@ -151,7 +160,7 @@ class Run:
             self.gen.cancel()  # a no-op once it has finished
         if self.owned:
             with suppress(ServiceError):  # already expired: nothing left to delete
-                await self.svc.sessions.delete(self.session_id)
+                await self.svc.plane.delete_session(self.session_id, tenant=self.tenant)
 
 
 def tokens_and_text(events: list) -> tuple[str, EndEvent | None]:
@@ -213,9 +222,10 @@ async def completions(request: Request) -> Response:
         if not prompt.size:
             raise EmptyInput("prompt: empty; a completion needs a prompt (or the carousel "
                              "extension, to continue a session)", param="prompt")
-        run = await Run.fresh(svc, mv.name, mv.version, prompt)
+        run = await Run.fresh(svc, tenant_of(request.scope), mv.name, mv.version, prompt)
     else:
-        run = await Run.resume(svc, req.carousel, name, version, prompt)
+        run = await Run.resume(svc, tenant_of(request.scope), req.carousel, name, version,
+                               prompt)
     gen = await run.generate(args)
     meta = (out.completion_id(), int(time.time()), run.model)
     trimmer = out.StopTrimmer(gen_req.stop)

@@ -1,5 +1,6 @@
-"""The running service without HTTP: registry, store, sessions, metrics, and the lifecycle
-(start, drain, stop). The FastAPI app (app.py) and the CLI's server (server.py) drive it.
+"""The running service without HTTP: registry, store, sessions, metrics, API keys, and the
+lifecycle (start, drain, stop). The FastAPI app (app.py) and the CLI's server (server.py)
+drive it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import asyncio
 import logging
 import time
 
+from .auth import Authenticator
 from .dataplane import DataPlane
 from .errors import NotReady, ShuttingDown
 from .metrics import Metrics
@@ -25,6 +27,7 @@ class Service:
     def __init__(self, settings: Settings, *, registry: Registry | None = None,
                  store: SessionStore | None = None) -> None:
         self.settings = settings
+        self.auth = Authenticator(settings)  # raises AuthConfigError for unusable keys
         self.metrics = Metrics()
         self.registry = registry  # loaded in start() unless given
         self.store = store

@@ -8,6 +8,10 @@ signal (status -15), not with 0. This server instead, on the first SIGTERM or SI
 2. waits until in-flight requests, streams and generations finish, up to the grace period;
 3. lets uvicorn shut down (closing idle connections and sockets), and returns normally.
 A second signal stops at once.
+
+SIGHUP re-reads the API keys file (auth.py): new keys work and revoked ones stop at once,
+sessions stay as they are, and a file that does not parse keeps the keys in force. (Left
+alone, SIGHUP would end the process: uvicorn handles only SIGINT and SIGTERM.)
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        self._loop.add_signal_handler(signal.SIGHUP, self.service.auth.reload)
+        try:
+            await super().serve(sockets)
+        finally:
+            self._loop.remove_signal_handler(signal.SIGHUP)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -66,6 +74,19 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+class _DeniedHandshakeNoise(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs an ERROR ("ASGI callable returned without
+    completing handshake.") after every WebSocket refused with an HTTP answer, as a missing
+    key's is: the client got its 401 and nothing failed (Kludex/uvicorn pull request 3138,
+    open). carousel accepts every other socket before its handler returns, so the message
+    means nothing else here."""
+
+    MESSAGE = "ASGI callable returned without completing handshake."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
 def run_server(app, settings) -> int:
     service: Service = app.state.service
     # The inference thread needs the GIL back after every onnxruntime call; while the event
@@ -85,6 +106,8 @@ def run_server(app, settings) -> int:
         # Oversized frames get an error frame from the app, not a protocol close.
         ws_max_size=max(16 * 1024 * 1024, 4 * settings.max_body_bytes),
     )
+    if service.auth.enabled:
+        logging.getLogger("uvicorn.error").addFilter(_DeniedHandshakeNoise())
     server = DrainingServer(config, service, settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 3

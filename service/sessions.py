@@ -10,6 +10,15 @@ until what it fed is written back.
 
 Rows are never changed in place (the scheduler always makes new ones), so a fresh session
 shares one zero row and a fork shares its parent's row until either moves on.
+
+Tenants (auth.py): every operation takes the caller's `tenant` (None on a server without
+keys). A session belongs to the tenant that made it (a fork to the tenant that forked it),
+and to any other caller it does not exist: `get` raises UnknownSession for it exactly as for
+a missing id, and every other operation looks the session up through `get`. The manager
+also keeps each tenant's limits that depend on what it holds: live sessions (counted here
+as records are made and removed: created, forked, deleted, replaced, swept) and running
+generations (from joining to the write-back), and it spends the tenant's tokens/s bucket
+for work about to run, giving back what then did not run.
 """
 
 from __future__ import annotations
@@ -20,14 +29,18 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .decode import Stream
-from .errors import AtCapacity, InvalidInput, PositionMismatch, UnknownSession
+from .errors import AtCapacity, InvalidInput, PositionMismatch, TenantLimit, UnknownSession
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import SessionRecord, SessionStore
+
+if TYPE_CHECKING:
+    from .auth import Tenant
 
 log = logging.getLogger("carousel.service")
 
@@ -65,6 +78,10 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(16)  # 128 random bits, URL-safe
 
 
+def owner_of(tenant: Tenant | None) -> str | None:
+    return None if tenant is None else tenant.name
+
+
 class SessionManager:
     def __init__(self, registry: Registry, store: SessionStore, *, session_ttl_s: float,
                  max_session_ttl_s: float, max_sessions: int, sweep_interval_s: float = 10.0,
@@ -81,72 +98,93 @@ class SessionManager:
         self._jobs: set[asyncio.Task] = set()  # stream write-backs in flight
         self._creating = 0
         self._last_sweep = 0.0
+        self._held: dict[str, int] = {}  # per tenant: live sessions, and ones being made
+        self._generating: dict[str, int] = {}  # per tenant: generations running
 
     # ------------------------------------------------------------------ lifecycle
 
     async def create(self, mv: ModelVersion, ttl_s: float | None = None,
                      step: Step | None = None, session_id: str | None = None,
-                     replace: bool = False, *, tenant: str | None = None,
+                     replace: bool = False, *, tenant: Tenant | None = None,
                      ) -> tuple[SessionRecord, Outcome | None]:
-        """A new session, primed with `step` if given (the priming runs before the session
-        exists: a failure leaves none). `session_id` names it (a v2 sequence); `replace`
-        starts that id afresh if it is live."""
+        """A new session of `tenant`, primed with `step` if given (the priming runs before
+        the session exists: a failure leaves none). `session_id` names it (a v2 sequence);
+        `replace` starts that id afresh if it is live."""
         ttl = self._ttl(ttl_s)
         session_id = session_id or new_session_id()
+        owner = owner_of(tenant)
         self._creating += 1
+        held = False
         try:
-            if not replace or await self.store.get(session_id) is None:
-                await self._check_capacity()
+            live = await self.store.get(session_id) if replace else None
+            if live is not None and live.owner != owner:
+                raise InvalidInput(f"session {session_id!r} exists already")
+            if live is None:  # replacing a live session adds none
+                await self._check_capacity(tenant)
+            held = self._hold(owner)
             outcome = None
             row, position = self._zero_row(mv), 0
             if step is not None:
-                result = await mv.scheduler.run(session_id, step.inputs, step.length, None,
-                                                step.options, tenant)
+                result = await self._run(mv, tenant, session_id, step, None)
                 row, position = result.row, step.length
                 outcome = Outcome(row, position, result.result)
-            record = SessionRecord(session_id, mv.name, mv.version, row, ttl, position=position)
+            record = SessionRecord(session_id, mv.name, mv.version, row, ttl, position=position,
+                                   owner=owner)
             if step is not None:
                 record.last_start, record.last_digest = 0, step.digest
                 record.last_result = self._kept(mv, outcome.result)
-            if replace:
-                await self.store.delete(session_id)
+            if replace and (old := await self.store.delete(session_id)) is not None:
+                self._removed(old, "deleted")
             if not await self.store.put(record, create=True):
                 raise InvalidInput(f"session {session_id!r} exists already")
+            held = False  # the record holds its place now
         finally:
             self._creating -= 1
+            if held:
+                self._let_go(owner)
         self.hooks.created(mv.name)
         if step is not None:
             self.hooks.consumed(mv.name, mv.version, step.length)
         return record, outcome
 
-    async def get(self, session_id: str) -> SessionRecord:
+    async def get(self, session_id: str, tenant: Tenant | None = None) -> SessionRecord:
+        """The live session, if it is the caller's. Another tenant's session is answered
+        exactly as a missing one: its existence is not disclosed."""
         record = await self.store.get(session_id)
-        if record is None:
+        if record is None or record.owner != owner_of(tenant):
             raise UnknownSession(session_id)
         return record
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, tenant: Tenant | None = None) -> None:
+        await self.get(session_id, tenant)
         record = await self.store.delete(session_id)
         if record is None:
             raise UnknownSession(session_id)
         if record.expired(time.time()):  # it was already gone, the sweeper had not seen it
-            self.hooks.ended(record.model, "expired")
+            self._removed(record, "expired")
             raise UnknownSession(session_id)
-        self.hooks.ended(record.model, "deleted")
+        self._removed(record, "deleted")
 
-    async def fork(self, session_id: str, ttl_s: float | None = None) -> SessionRecord:
+    async def fork(self, session_id: str, ttl_s: float | None = None, *,
+                   tenant: Tenant | None = None) -> SessionRecord:
+        """A copy of the caller's session, owned by the caller."""
+        owner = owner_of(tenant)
         await self._locks.acquire(session_id)  # the copy sees no half-applied step
         try:
-            src = await self.get(session_id)
+            src = await self.get(session_id, tenant)
             ttl = src.ttl_s if ttl_s is None else self._ttl(ttl_s)
             self._creating += 1
+            held = False
             try:
-                await self._check_capacity()
+                await self._check_capacity(tenant)
+                held = self._hold(owner)
                 record = SessionRecord(new_session_id(), src.model, src.version, src.row, ttl,
-                                       position=src.position)
-                await self.store.put(record, create=True)
+                                       position=src.position, owner=owner)
+                held = not await self.store.put(record, create=True)
             finally:
                 self._creating -= 1
+                if held:
+                    self._let_go(owner)
         finally:
             self._locks.release(session_id)
         self.hooks.created(record.model)
@@ -156,7 +194,7 @@ class SessionManager:
 
     async def step(self, session_id: str, prepare: Callable[[ModelVersion], Step],
                    position: int | None = None, *, replay: Callable | None = None,
-                   tenant: str | None = None) -> tuple[SessionRecord, Outcome]:
+                   tenant: Tenant | None = None) -> tuple[SessionRecord, Outcome]:
         """Apply a step. `prepare(mv)` builds it once the session's model is known (and
         raises for bad input, changing nothing). With `position`: apply only if the session
         is there; if this exact step (same position, same digest) was the last one applied,
@@ -164,7 +202,7 @@ class SessionManager:
         kept copy is returned."""
         await self._locks.acquire(session_id)
         try:
-            record = await self.get(session_id)
+            record = await self.get(session_id, tenant)
             mv = self.registry.get(record.model, record.version)
             step = prepare(mv)
             if position is not None and position != record.position:
@@ -173,8 +211,7 @@ class SessionManager:
                               else record.last_result)
                     return record, Outcome(record.row, record.position, result, True)
                 raise PositionMismatch(position, record.position)
-            result = await mv.scheduler.run(session_id, step.inputs, step.length, record.row,
-                                            step.options, tenant)
+            result = await self._run(mv, tenant, session_id, step, record.row)
             record.row = result.row
             record.last_start, record.last_digest = record.position, step.digest
             record.last_result = self._kept(mv, result.result)
@@ -188,38 +225,60 @@ class SessionManager:
         return record, Outcome(record.row, record.position, result.result)
 
     async def predict(self, mv: ModelVersion, steps: list[Step], *,
-                      tenant: str | None = None) -> list[Outcome]:
+                      tenant: Tenant | None = None) -> list[Outcome]:
         """Stateless: each step from a zero state, batched with everything else queued."""
-        scheduler = mv.scheduler
-        scheduler.check_room(len(steps), tenant)  # all of them or none
-        results = await asyncio.gather(
-            *(scheduler.run(None, s.inputs, s.length, None, s.options, tenant) for s in steps))
+        scheduler, owner = mv.scheduler, owner_of(tenant)
+        scheduler.check_room(len(steps), owner)  # all of them or none
+        taken = tenant.take_tokens(sum(s.length for s in steps)) if tenant is not None else 0
+        try:
+            results = await asyncio.gather(
+                *(scheduler.run(None, s.inputs, s.length, None, s.options, tenant=owner)
+                  for s in steps))
+        except BaseException:
+            if taken:
+                tenant.give_tokens(taken)  # approximately: some rows may have run
+            raise
         self.hooks.consumed(mv.name, mv.version, sum(s.length for s in steps))
         return [Outcome(r.row, s.length, r.result) for r, s in zip(results, steps, strict=True)]
 
     # ------------------------------------------------------------------ streams
 
     async def start_stream(self, session_id: str,
-                           make: Callable[[ModelVersion, SessionRecord], Stream]) -> Stream:
+                           make: Callable[[ModelVersion, SessionRecord], Stream], *,
+                           tenant: Tenant | None = None, budget: int = 0) -> Stream:
         """Join the model's running streams (generations); returns once it has joined (or
         raises). `make(mv, record)` builds the stream from the session (and raises for bad
-        input). The session stays locked until what the stream fed is written back."""
+        input). The session stays locked until what the stream fed is written back.
+        `budget` is the most tokens the stream may produce: taken from the tenant's bucket
+        now, the unused part given back when it ends."""
+        owner = owner_of(tenant)
         await self._locks.acquire(session_id)
+        running = taken = 0
         try:
-            record = await self.get(session_id)
+            record = await self.get(session_id, tenant)
             mv = self.registry.get(record.model, record.version)
             stream = make(mv, record)
+            running = self._start_generation(tenant)
+            if tenant is not None:
+                taken = tenant.take_tokens(budget)
             mv.scheduler.start_stream(stream)
             record.last_used_at = time.time()  # in use: not idle while it generates
         except BaseException:
+            if running:
+                self._end_generation(owner)
+            if taken:
+                tenant.give_tokens(taken)
             self._locks.release(session_id)
             raise
-        task = asyncio.get_running_loop().create_task(self._write_back(record, stream))
+        task = asyncio.get_running_loop().create_task(
+            self._write_back(record, stream, tenant, taken, running))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return stream
 
-    async def _write_back(self, record: SessionRecord, stream) -> None:
+    async def _write_back(self, record: SessionRecord, stream, tenant: Tenant | None,
+                          taken: int, running: int) -> None:
+        start = record.position
         try:
             await asyncio.shield(stream.done)
             if stream.row is not record.row:
@@ -230,6 +289,10 @@ class SessionManager:
                 await self.store.put(record)  # a session deleted meanwhile stays deleted
         finally:
             self._locks.release(record.session_id)
+            if running:
+                self._end_generation(record.owner)
+            if taken:
+                tenant.give_tokens(taken - (stream.position - start))
 
     @property
     def busy(self) -> int:
@@ -246,7 +309,7 @@ class SessionManager:
         self._last_sweep = time.monotonic()
         removed = await self.store.expire()
         for record in removed:
-            self.hooks.ended(record.model, "expired")
+            self._removed(record, "expired")
         return len(removed)
 
     async def run_sweeper(self) -> None:
@@ -266,17 +329,87 @@ class SessionManager:
             raise InvalidInput(f"ttl_s must be > 0 and at most {self.max_session_ttl_s:g} seconds")
         return float(ttl_s)
 
-    async def _check_capacity(self) -> None:
+    async def _check_capacity(self, tenant: Tenant | None = None) -> None:
+        """Raise unless one more session fits: the server's cap, then the tenant's."""
+        limit = tenant.limits.max_sessions if tenant is not None else 0
+        held = self._held.get(tenant.name, 0) if tenant is not None else 0
         count = await self.store.count()
-        if count + self._creating > self.max_sessions and time.monotonic() - self._last_sweep > 1:
+        full = count + self._creating > self.max_sessions or (limit and held >= limit)
+        if full and time.monotonic() - self._last_sweep > 1:
             await self.sweep()  # expired sessions may still be counted: reclaim them first
             count = await self.store.count()
+            held = self._held.get(tenant.name, 0) if tenant is not None else 0
         if count + self._creating > self.max_sessions:
             raise AtCapacity(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete unused "
                 "sessions or retry later",
                 retry_after=self.sweep_interval_s,
             )
+        if limit and held >= limit:
+            raise TenantLimit(
+                f"tenant {tenant.name!r} holds its maximum of {limit} sessions (v2 sequences "
+                "included); delete unused ones or retry later",
+                retry_after=self.sweep_interval_s,
+            )
+
+    def _hold(self, owner: str | None) -> bool:
+        """Count a session being made for its tenant (before the record exists, so two
+        creations at once cannot both take the last place)."""
+        if owner is None:
+            return False
+        self._held[owner] = self._held.get(owner, 0) + 1
+        return True
+
+    def _let_go(self, owner: str | None) -> None:
+        if owner is not None:
+            left = self._held.get(owner, 0) - 1
+            if left > 0:
+                self._held[owner] = left
+            else:
+                self._held.pop(owner, None)
+
+    def _removed(self, record: SessionRecord, reason: str) -> None:
+        """A record left the store (deleted, replaced, expired): count it off."""
+        self._let_go(record.owner)
+        self.hooks.ended(record.model, reason)
+
+    def held(self, tenant: Tenant) -> int:
+        """Sessions the tenant holds (counting ones being made)."""
+        return self._held.get(tenant.name, 0)
+
+    def generating(self, tenant: Tenant) -> int:
+        return self._generating.get(tenant.name, 0)
+
+    def _start_generation(self, tenant: Tenant | None) -> int:
+        if tenant is None:
+            return 0
+        limit, running = tenant.limits.max_generations, self._generating.get(tenant.name, 0)
+        if limit and running >= limit:
+            raise TenantLimit(
+                f"tenant {tenant.name!r} runs its maximum of {limit} generations at once; "
+                "retry when one has finished", retry_after=1)
+        self._generating[tenant.name] = running + 1
+        return 1
+
+    def _end_generation(self, owner: str) -> None:
+        left = self._generating.get(owner, 0) - 1
+        if left > 0:
+            self._generating[owner] = left
+        else:
+            self._generating.pop(owner, None)
+
+    async def _run(self, mv: ModelVersion, tenant: Tenant | None, session_id: str, step: Step,
+                   row: np.ndarray | None):
+        """Run a session's step as the tenant's work (its fair share in the scheduler), its
+        tokens spent from the tenant's bucket first (and given back if it does not run)."""
+        taken = tenant.take_tokens(step.length) if tenant is not None else 0
+        try:
+            return await mv.scheduler.run(session_id, step.inputs, step.length, row,
+                                          step.options, tenant=owner_of(tenant))
+        except BaseException:
+            if taken:
+                tenant.give_tokens(taken)
+            raise
 
     def _zero_row(self, mv: ModelVersion) -> np.ndarray:
         row = self._zero_rows.get(mv)

@@ -8,8 +8,9 @@ description is the help text of its `carousel serve` flag.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from carousel.paths import bundled_model_repository
@@ -89,6 +90,44 @@ class Settings(BaseSettings):
     store_url: str = Field("memory://", description="session store (memory:// in this release)")
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     access_log: bool = Field(False, description="log every request (costs throughput)")
+    # Keys and tenants (auth.py, docs/SECURITY.md). A SecretStr: never shown by repr or logs.
+    api_keys: SecretStr | None = Field(
+        None, description="development API keys: tenant:KEY pairs, comma-separated "
+        "(tenant:KEY:admin for an admin key); prefer api_keys_file",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of tenants, the SHA-256 of each of their keys, admin "
+        "marks and limits; re-read on SIGHUP",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve on a non-loopback address without API keys (only behind "
+        "something that authenticates every request)",
+    )
+    metrics_auth: Literal["admin", "key", "none"] = Field(
+        "admin", description="what GET /metrics needs when keys are configured: an admin key, "
+        "any key, or none",
+    )
+    docs_auth: Literal["admin", "key", "none"] = Field(
+        "none", description="what /docs, /redoc and /openapi.json need when keys are "
+        "configured: an admin key, any key, or none",
+    )
+    tenant_requests_per_s: float = Field(
+        0.0, ge=0, description="each tenant's requests per second (HTTP requests, WebSocket "
+        "handshakes and frames; burst: a second's worth; 0: no limit), unless its keys file "
+        "entry says otherwise",
+    )
+    tenant_tokens_per_s: float = Field(
+        0.0, ge=0, description="each tenant's tokens per second, consumed and generated "
+        "(burst: a second's worth; 0: no limit), unless its keys file entry says otherwise",
+    )
+    tenant_max_sessions: int = Field(
+        10_000, ge=0, description="live sessions (v2 sequences included) one tenant may hold "
+        "(0: no limit beyond max_sessions), unless its keys file entry says otherwise",
+    )
+    tenant_max_generations: int = Field(
+        64, ge=0, description="generations one tenant may run at once (0: no limit), unless "
+        "its keys file entry says otherwise",
+    )
 
     @field_validator("log_level")
     @classmethod

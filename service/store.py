@@ -6,7 +6,8 @@ readiness) so a shared store (Redis, a later issue) can implement it by serialis
 background sweeper (`expire`) reclaims its memory.
 
 A record is small on purpose: one float32 row (state + last logits, see state.py) and a few
-scalars in slots, so an idle session costs little more than its state.
+scalars in slots, so an idle session costs little more than its state. Its `owner` is the
+tenant that made it, fixed for its life; the session manager checks it, not the store.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Protocol
 
 class SessionRecord:
     __slots__ = ("session_id", "model", "version", "position", "row", "created_at",
-                 "last_used_at", "ttl_s", "last_start", "last_digest", "last_result")
+                 "last_used_at", "ttl_s", "last_start", "last_digest", "last_result", "owner")
 
     def __init__(self, session_id: str, model: str, version: int, row, ttl_s: float,
-                 now: float | None = None, position: int = 0) -> None:
+                 now: float | None = None, position: int = 0, owner: str | None = None) -> None:
         now = time.time() if now is None else now
         self.session_id = session_id
+        self.owner = owner  # the tenant that made it (auth.py); None on a server without keys
         self.model = model
         self.version = version
         self.position = position  # steps (the byte LM: tokens) consumed so far

@@ -4,7 +4,8 @@ Thin: read the raw body (whatever its Content-Type: tritonclient sends none, or
 application/octet-stream with binary tensors), decode it with v2codec, call the v2 data
 plane (v2plane.py), encode the answer. Errors are the protocol's `{"error": "<message>"}`:
 404 for an unknown model or version, 413 for a body over the limit, 503 (with Retry-After)
-while the server cannot take work, 400 for anything else a client can send.
+while the server cannot take work, 401 (with WWW-Authenticate) without a valid API key, 429
+(with Retry-After) over a tenant's limits, 400 for anything else a client can send.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.routing import Route
 from carousel import __version__
 
 from .api import read_body
+from .auth import tenant_of
 from .errors import ServiceError
 from .v2codec import encode_error, parse_header_length, parse_infer_request
 
@@ -34,7 +36,8 @@ def _json(obj, status: int = 200) -> Response:
 
 def error_response(error: ServiceError) -> Response:
     """The protocol's error shape, with the status Triton gives the same mistake."""
-    status = error.status if error.status in (404, 413, 429, 503) or error.status >= 500 else 400
+    kept = (401, 403, 404, 413, 429, 503)
+    status = error.status if error.status in kept or error.status >= 500 else 400
     return Response(encode_error(error.message), status_code=status, media_type=JSON,
                     headers=error.headers())
 
@@ -82,7 +85,8 @@ async def infer(request: Request) -> Response:
     header = parse_header_length(request.headers.get("inference-header-content-length"))
     parsed = parse_infer_request(body, header)
     request.scope["carousel.model"] = p["name"]
-    payload, headers = await _plane(request).infer(p["name"], p.get("version"), parsed)
+    payload, headers = await _plane(request).infer(p["name"], p.get("version"), parsed,
+                                                   tenant=tenant_of(request.scope))
     content_type = headers.pop("Content-Type", headers.pop("content-type", JSON))
     return Response(payload, media_type=content_type, headers=headers)
 

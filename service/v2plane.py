@@ -13,6 +13,9 @@ by the model and the id (so a sequence of a byte LM batches with its v1 sessions
 requests carry batch 1, apply in arrival order, `sequence_start` starts it (afresh if the
 id is live), `sequence_end` frees it after answering, and a request on an id that was never
 started is refused. The session's state is the model's state pairs: no client sends them.
+
+With API keys a sequence belongs to its tenant like any session, and its id is the tenant's
+own: the session key includes the tenant, so two tenants' sequence 1 are two sequences.
 """
 
 from __future__ import annotations
@@ -35,16 +38,19 @@ from .v2codec import (
 )
 
 if TYPE_CHECKING:
+    from .auth import Tenant
     from .runtime import Service
 
 EXTENSIONS = ["binary_tensor_data", "sequence"]
 
 
-def sequence_key(mv: ModelVersion, sequence_id: int | str) -> str:
-    """The session a sequence lives in: per model (as Triton's ids are), never a valid v1
-    session id (those are URL-safe base64), typed so the int 1 and the string "1" differ."""
+def sequence_key(mv: ModelVersion, sequence_id: int | str, owner: str | None = None) -> str:
+    """The session a sequence lives in: per model (as Triton's ids are) and per tenant (a
+    tenant name has no '~'), never a valid v1 session id (those are URL-safe base64), typed
+    so the int 1 and the string "1" differ."""
     kind = "i" if isinstance(sequence_id, int) else "s"
-    return f"~seq~{mv.name}~{kind}~{sequence_id}"
+    tenant = "" if owner is None else f"{owner}~"
+    return f"~seq~{tenant}{mv.name}~{kind}~{sequence_id}"
 
 
 class V2Plane:
@@ -86,8 +92,8 @@ class V2Plane:
 
     # ------------------------------------------------------------------ infer
 
-    async def infer(self, name: str, version: str | None,
-                    request: InferRequest) -> tuple[bytes, dict[str, str]]:
+    async def infer(self, name: str, version: str | None, request: InferRequest, *,
+                    tenant: Tenant | None = None) -> tuple[bytes, dict[str, str]]:
         self.service.check_accepting()
         mv = self.model(name, version)
         metas = self.inputs(mv)
@@ -102,26 +108,26 @@ class V2Plane:
             if len(steps) != 1:
                 raise InvalidV2Request(f"a sequence request carries batch 1; this one has "
                                        f"{len(steps)} rows")
-            rows = [await self._sequence(mv, request, steps[0])]
+            rows = [await self._sequence(mv, request, steps[0], tenant)]
         else:
             limit = self.service.settings.max_predict_inputs
             if len(steps) > limit:
                 raise RequestTooLarge(f"{len(steps)} rows; the limit is {limit} per request")
-            rows = await self.service.sessions.predict(mv, steps)
+            rows = await self.service.sessions.predict(mv, steps, tenant=tenant)
             rows = [self._result(mv, o.row, o.result) for o in rows]
         tensors = [(t, self._stack(mv, t.name, [r[t.name] for r in rows])) for t in wanted]
         return encode_infer_response(
             model_name=mv.name, model_version=str(mv.version), request_id=request.id,
             outputs=tensors, binary={t.name: binary[t.name] for t in wanted})
 
-    async def _sequence(self, mv: ModelVersion, request: InferRequest,
-                        step: Step) -> dict[str, np.ndarray]:
+    async def _sequence(self, mv: ModelVersion, request: InferRequest, step: Step,
+                        tenant: Tenant | None) -> dict[str, np.ndarray]:
         seq = request.sequence
-        key = sequence_key(mv, seq.id)
+        key = sequence_key(mv, seq.id, None if tenant is None else tenant.name)
         sessions = self.service.sessions
         if seq.start:
             record, outcome = await sessions.create(mv, None, step, session_id=key,
-                                                    replace=True)
+                                                    replace=True, tenant=tenant)
             row, result = outcome.row, outcome.result
         else:
             def prepare(running: ModelVersion) -> Step:
@@ -131,7 +137,7 @@ class V2Plane:
                 return step
 
             try:
-                record, outcome = await sessions.step(key, prepare)
+                record, outcome = await sessions.step(key, prepare, tenant=tenant)
             except UnknownSession:
                 raise InvalidInput(
                     f"inference request for sequence {seq.id} to model '{mv.name}' must "
@@ -139,7 +145,7 @@ class V2Plane:
             row, result = outcome.row, outcome.result
         if seq.end:
             try:
-                await sessions.delete(key)
+                await sessions.delete(key, tenant)
             except UnknownSession:
                 pass  # expired or ended meanwhile: the answer stands
         return self._result(mv, row, result)

@@ -5,6 +5,12 @@ answered by one frame shaped like /step's body) or `{"generate": {...}}` (token 
 `{"event": "token", ...}`, then `{"event": "end", ...}`; with "stream": false one frame
 shaped like /generate's body). Frames are handled in order. A bad frame is answered with an
 `{"error": ...}` frame and the socket stays open; an unknown session closes it (4404).
+
+With API keys, the handshake was authenticated before it reached this module (a missing or
+wrong key is answered with HTTP 401 and no socket; auth.py), and the socket is accepted with
+the subprotocol `carousel` when the client offered it. Every frame is one request of the
+tenant (its requests/s bucket), and after a reload of the keys its key is checked again: a
+revoked key gets an error frame and the socket closes (4401).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from . import views
+from .auth import Tenant, accepted_subprotocol
 from .errors import (
     InvalidInput,
     InvalidJson,
     RequestTooLarge,
     ServiceError,
+    Unauthorized,
     UnknownSession,
     error_body,
 )
@@ -30,6 +38,7 @@ from .schemas import WsGenerateFrame, parse
 
 ROUTE = "/v1/sessions/{session_id}/ws"
 CLOSE_UNKNOWN_SESSION = 4404
+CLOSE_UNAUTHORIZED = 4401
 CLOSE_SHUTTING_DOWN = 1012  # "service restart"
 
 
@@ -40,13 +49,14 @@ def _text(obj) -> str:
 async def session_socket(websocket: WebSocket) -> None:
     session_id = websocket.path_params["session_id"]
     svc: Service = websocket.app.state.service
-    await websocket.accept()
+    await websocket.accept(subprotocol=accepted_subprotocol(websocket.scope))
     try:
         svc.check_accepting()
-        record = await svc.sessions.get(session_id)
+        record = await svc.plane.session(session_id, tenant=svc.auth.current(websocket.scope))
     except ServiceError as e:
         await websocket.send_text(_text(error_body(e)))
-        code = CLOSE_UNKNOWN_SESSION if isinstance(e, UnknownSession) else CLOSE_SHUTTING_DOWN
+        code = (CLOSE_UNKNOWN_SESSION if isinstance(e, UnknownSession)
+                else CLOSE_UNAUTHORIZED if isinstance(e, Unauthorized) else CLOSE_SHUTTING_DOWN)
         await websocket.close(code=code, reason=e.code)
         return
     model = record.model
@@ -58,7 +68,14 @@ async def session_socket(websocket: WebSocket) -> None:
         status = 200
         svc.inflight += 1
         try:
-            await _frame(svc, websocket, session_id, message.get("text") or message.get("bytes"))
+            tenant = svc.auth.current(websocket.scope)  # raises once its key is revoked
+            await _frame(svc, websocket, session_id, message.get("text") or message.get("bytes"),
+                         tenant)
+        except Unauthorized as e:
+            status = e.status
+            await websocket.send_text(_text(error_body(e)))
+            await websocket.close(code=CLOSE_UNAUTHORIZED, reason=e.code)
+            return
         except ServiceError as e:
             status = e.status
             await websocket.send_text(_text(error_body(e)))
@@ -70,8 +87,11 @@ async def session_socket(websocket: WebSocket) -> None:
                                         time.perf_counter() - started)
 
 
-async def _frame(svc: Service, websocket: WebSocket, session_id: str, raw) -> None:
+async def _frame(svc: Service, websocket: WebSocket, session_id: str, raw,
+                 tenant: Tenant | None) -> None:
     svc.check_accepting()
+    if tenant is not None:
+        tenant.admit_request()
     s = svc.settings
     if not raw:
         raise InvalidJson("empty frame: send a JSON object")
@@ -84,19 +104,19 @@ async def _frame(svc: Service, websocket: WebSocket, session_id: str, raw) -> No
     if not isinstance(obj, dict):
         raise InvalidInput("the frame must be a JSON object")
     if "generate" in obj:
-        await _generate(svc, websocket, session_id, parse(WsGenerateFrame, obj))
+        await _generate(svc, websocket, session_id, parse(WsGenerateFrame, obj), tenant)
         return
-    answer = await svc.plane.step(session_id, obj, {})
+    answer = await svc.plane.step(session_id, obj, {}, tenant=tenant)
     await websocket.send_text(_text(answer))
 
 
 async def _generate(svc: Service, websocket: WebSocket, session_id: str,
-                    frame: WsGenerateFrame) -> None:
+                    frame: WsGenerateFrame, tenant: Tenant | None) -> None:
     args = svc.plane.generation_args(frame.generate)
     # Over a socket streaming is the default; "stream": false asks for one frame at the end.
     explicit = "stream" in frame.generate.model_fields_set
     stream = args["stream"] = frame.generate.stream or not explicit
-    gen = await svc.plane.start_generation(session_id, args)
+    gen = await svc.plane.start_generation(session_id, args, tenant=tenant)
     try:
         if not stream:
             await gen.done

@@ -16,10 +16,13 @@ from collections import Counter
 import numpy as np
 import pytest
 from carousel.service import scheduler as scheduler_module
+from carousel.service.auth import Limits, Tenant
 from carousel.service.errors import QueueFull, TenantQueueFull
 from carousel.service.manifest import StateSpec, TensorSpec
 from carousel.service.scheduler import Scheduler, Work
+from carousel.service.sessions import SessionManager, Step
 from carousel.service.state import StateLayout
+from carousel.service.store import MemoryStore
 
 LIMIT = 8
 
@@ -279,3 +282,46 @@ def test_without_fair_share_the_queue_bound_is_global():
         await s.close()
 
     asyncio.run(main())
+
+
+class Model:
+    """The registry and the model version at once, for the session manager."""
+
+    name, version = "m", 1
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.layout = scheduler.layout
+
+    def get(self, name, version=None):
+        return self
+
+
+def test_the_session_manager_hands_each_tenants_name_to_the_scheduler():
+    """Session creation, steps and predictions run as their tenant's work; without a
+    tenant (no API keys) as nobody's."""
+    alice, bob = (Tenant(name, False, Limits()) for name in ("alice", "bob"))
+
+    def x(*tokens) -> Step:
+        return Step({"x": np.array(tokens, dtype=np.int64)}, len(tokens), None, b"")
+
+    async def main():
+        s, rec = make()
+        s.start()
+        model = Model(s)
+        m = SessionManager(model, MemoryStore(), session_ttl_s=60.0, max_session_ttl_s=60.0,
+                           max_sessions=10)
+        try:
+            record, _ = await m.create(model, step=x(1, 2), tenant=alice)
+            await m.step(record.session_id, lambda mv: x(3), tenant=alice)
+            await m.predict(model, [x(4), x(5)], tenant=bob)
+            plain, _ = await m.create(model, step=x(6))
+            _, outcome = await m.step(plain.session_id, lambda mv: x(7))
+        finally:
+            await s.close()
+        return rec.batches, record, outcome
+
+    batches, record, outcome = asyncio.run(main())
+    assert [t for b in batches for t, _ in b] == ["alice", "alice", "bob", "bob", None, None]
+    assert [k for b in batches for _, k in b][:2] == [record.session_id] * 2
+    assert float(outcome.row[0]) == pytest.approx(reference([6, 7]))
