@@ -440,6 +440,32 @@ def accepted_subprotocol(scope: dict) -> str | None:
     return SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", ()) else None
 
 
+# ------------------------------------------------------------------------------ logging
+
+
+class KeyRedactor(logging.Filter):
+    """Keeps keys out of every log line, whoever writes it. carousel logs none, and strips
+    `?api_key=` before uvicorn's lines print the path; but at debug level the websockets
+    library logs each handshake's request line and headers (Authorization, X-API-Key, the
+    key's subprotocol) before carousel sees the request. Installed on the log handlers by
+    server.py when keys are configured."""
+
+    PATTERNS = (
+        (re.compile(r"(?i)\b(authorization|x-api-key)(\s*:\s*)[^\r\n]*"), r"\1\2[redacted]"),
+        (re.compile(re.escape(KEY_SUBPROTOCOL) + r"[^\s,;'\"]+"), KEY_SUBPROTOCOL + "[redacted]"),
+        (re.compile(r"(?i)\b" + QUERY_KEY + r"=[^&\s'\"]*"), QUERY_KEY + "=[redacted]"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for pattern, replacement in self.PATTERNS:
+            redacted = pattern.sub(replacement, redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 # ------------------------------------------------------------------------------ start-up
 
 

@@ -24,6 +24,7 @@ import sys
 
 import uvicorn
 
+from .auth import KeyRedactor
 from .runtime import Service
 
 log = logging.getLogger("carousel.service")
@@ -108,6 +109,12 @@ def run_server(app, settings) -> int:
     )
     if service.auth.enabled:
         logging.getLogger("uvicorn.error").addFilter(_DeniedHandshakeNoise())
+        # On the handlers (uvicorn's Config has just made its own), so every record that
+        # is written, whichever logger it came from, passes the redactor.
+        redactor = KeyRedactor()
+        for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(redactor)
     server = DrainingServer(config, service, settings.shutdown_grace_s)
     server.run()
     return 0 if server.started else 3

@@ -385,3 +385,18 @@ def test_keys_or_the_explicit_opt_out_allow_any_address(tmp_path):
     assert refusal(Settings(host="0.0.0.0", api_keys_file=tmp_path / "k.toml")) is None
     assert refusal(Settings(host="0.0.0.0", allow_unauthenticated=True)) is None
     assert refusal(Settings(host="0.0.0.0", api_keys="  ")) is not None
+
+
+@pytest.mark.parametrize("message, args, kept", [
+    ("< %s: %s", ("Authorization", f"Bearer {ALICE}"), "< Authorization: [redacted]"),
+    ("< %s: %s", ("x-api-key", ALICE), "< x-api-key: [redacted]"),
+    ("< %s: %s", ("Sec-WebSocket-Protocol", f"carousel, carousel.key.{ALICE}"),
+     "< Sec-WebSocket-Protocol: carousel, carousel.key.[redacted]"),
+    ("< GET %s HTTP/1.1", (f"/v1/sessions/s/ws?x=1&api_key={ALICE}&y=2",),
+     "< GET /v1/sessions/s/ws?x=1&api_key=[redacted]&y=2 HTTP/1.1"),
+    ('%s - "GET %s" %d', ("127.0.0.1:5", "/v1/models", 200), '127.0.0.1:5 - "GET /v1/models" 200'),
+])
+def test_the_log_redactor_removes_keys_from_any_record(message, args, kept):
+    record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1, message, args, None)
+    assert auth.KeyRedactor().filter(record) is True
+    assert record.getMessage() == kept and ALICE not in record.getMessage()
