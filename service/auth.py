@@ -14,7 +14,7 @@ Where keys come from:
   leaves the keys as they were, and says so in the log):
 
       [tenants.alice]
-      sha256 = ["5994471abb01112afcc18159f6cc74b4f511b99806da59b3caf5a9c173cacfc5"]
+      sha256 = ["<64 hex digits: printf %s KEY | sha256sum>", "<a second key's>"]
       requests_per_s = 50      # 0: no limit; every limit left out is the CAROUSEL_TENANT_* default
       tokens_per_s = 20000     # tokens consumed and generated
       burst_requests = 100     # default: a second's worth
@@ -23,7 +23,7 @@ Where keys come from:
       max_generations = 8      # generations running at once
 
       [tenants.ops]
-      sha256 = ["..."]
+      sha256 = ["<...>"]
       admin = true             # may read /metrics
 
 A key travels as `Authorization: Bearer KEY` or `X-API-Key: KEY`. A browser cannot set
