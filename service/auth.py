@@ -63,6 +63,7 @@ CREDENTIAL = "carousel.credential"  # (key digest, keys generation): re-checked 
 SUBPROTOCOL = "carousel"  # the subprotocol a WebSocket is accepted with
 KEY_SUBPROTOCOL = "carousel.key."  # + KEY: a key offered as a subprotocol
 QUERY_KEY = "api_key"
+_QUERY_KEY_BYTES = QUERY_KEY.encode()
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # no '~': sequence keys use it
 DEV_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
@@ -172,7 +173,8 @@ class KeyRing:
 
     def tenant(self, key_digest: bytes) -> Tenant | None:
         """The tenant whose key has this digest. Every digest is compared, in constant time,
-        whatever matches: the time taken is the same for every key presented."""
+        whatever matches: the time taken is the same for every key presented. (Linear in
+        the number of keys: ~0.2 us each, fine for the tens of keys a server has.)"""
         found = None
         for candidate, tenant in self._entries:
             if hmac.compare_digest(candidate, key_digest):
@@ -408,7 +410,7 @@ def strip_query_key(scope: dict) -> str | None:
     """Remove `?api_key=` from the scope's query string (whatever the request: uvicorn's log
     lines print it), returning its value."""
     query = scope.get("query_string", b"")
-    if QUERY_KEY.encode() not in query:
+    if not query or _QUERY_KEY_BYTES not in query:
         return None
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     scope["query_string"] = urlencode([(k, v) for k, v in pairs if k != QUERY_KEY]).encode()
