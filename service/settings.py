@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         "its keys file entry says otherwise",
     )
 
+    @field_validator("api_keys", "api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # CAROUSEL_API_KEYS_FILE= in a .env or compose file means none, not the folder "."
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

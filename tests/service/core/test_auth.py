@@ -27,6 +27,13 @@ BOB = "bob-key-0123456789abcdefgh"
 OPS = "ops-key-0123456789abcdefghij"
 
 
+@pytest.fixture(autouse=True)
+def _no_carousel_environment(monkeypatch):
+    """Settings() reads CAROUSEL_* variables: these tests name every setting they use."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"CAROUSEL_{name.upper()}", raising=False)
+
+
 def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -156,6 +163,7 @@ def test_no_keys_means_no_authentication():
     assert not a.enabled
     assert a.authenticate(scope()) is None and a.current(scope()) is None
     assert not Authenticator(Settings(api_keys=" ")).enabled
+    assert not Authenticator(Settings(api_keys="", api_keys_file="")).enabled  # empty: unset
 
 
 def test_settings_never_show_the_development_keys():
