@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -16,12 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from . import limit, profile, report, scenarios, servers
+from . import limit, profile, report, scenarios, servers, v2
 from . import plan as plans
 from .graph import GraphRunner, ModelVersion, export_random_model, find_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("limit", "step_http", "step_ws", "generate", "predict", "memory")
+# Run only when asked for: v2 builds its imported model with torch (the train extra).
+OPT_IN = ("v2",)
 SERVERS = ("floor", "naive", "carousel")
 LOWER_FLOORS = ("floor-starlette", "floor-asgi")  # measured at FLOOR_LEVEL sessions only
 FLOOR_LEVEL = 64
@@ -38,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help="comma-separated subset of " + ",".join(SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated subset of " + ",".join(SCENARIOS))
+                        help="comma-separated subset of " + ",".join(SCENARIOS)
+                        + " (default: all of them), or " + ",".join(OPT_IN)
+                        + " (the Open Inference Protocol against v1, and an imported LSTM)")
     parser.add_argument("--levels", default=None,
                         help="concurrent sessions for step and generate, e.g. 1,64")
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario (median)")
@@ -227,6 +232,17 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                 f"(state {model.state_bytes} B), rss {m.get('rss_bytes')}")
     if args.profile and "carousel" in kinds:
         results["profile"] = run_profiles(model, runner, plan, args.out, carousel_env)
+    if "v2" in chosen:
+        steps = 40 if args.quick else 200
+        result = v2.run(model, args.out / "logs", steps, plan.reps, carousel_env)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "v2.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "v2.md").write_text(v2.markdown(result))
+        log("v2:\n" + v2.markdown(result))
+        results["v2"] = {k: v for k, v in result.items() if k != "runs"}
+        v2_wrong = any(r["errors"] for runs in result["runs"].values() for r in runs)
+    else:
+        v2_wrong = False
     results["meta"]["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     paths = report.write(results, args.out)
@@ -238,7 +254,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                for r in per_server.values()]
     wrong = [c for c in checks if c and not c["ok"]]
     # Benchmarks assert nothing about time, but a wrong answer is a failure.
-    return 1 if wrong else 0
+    return 1 if wrong or v2_wrong else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,9 @@ class Connection:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         return self.reader, self.writer
 
-    def _request_bytes(self, method: str, path: str, body: bytes | None) -> bytes:
-        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.head
+    def _request_bytes(self, method: str, path: str, body: bytes | None,
+                       extra: bytes = b"") -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self.head + extra
         if body is None:
             return head + b"\r\n"
         return (head + b"Content-Type: application/json\r\nContent-Length: "
@@ -75,9 +76,17 @@ class Connection:
 
     async def request(self, method: str, path: str, body: bytes | None = None
                       ) -> tuple[int, bytes]:
+        status, payload, _ = await self.request_with_headers(method, path, body)
+        return status, payload
+
+    async def request_with_headers(self, method: str, path: str, body: bytes | None = None,
+                                   extra: bytes = b""
+                                   ) -> tuple[int, bytes, dict[bytes, bytes]]:
+        """A request with `extra` header lines (each ending in CRLF); the answer's status,
+        body and headers."""
         reused = self.writer is not None
         reader, writer = await self._connected()
-        writer.write(self._request_bytes(method, path, body))
+        writer.write(self._request_bytes(method, path, body, extra))
         try:
             status, headers = await self._read_head(reader)
         except ConnectionResetError:
@@ -87,7 +96,7 @@ class Connection:
             # this request (nothing was answered, so nothing was applied): once more, afresh.
             self.close()
             reader, writer = await self._connected()
-            writer.write(self._request_bytes(method, path, body))
+            writer.write(self._request_bytes(method, path, body, extra))
             status, headers = await self._read_head(reader)
         if b"content-length" in headers:
             payload = await reader.readexactly(int(headers[b"content-length"]))
@@ -96,7 +105,7 @@ class Connection:
         else:
             payload = b""
         self._after(headers)
-        return status, payload
+        return status, payload, headers
 
     async def stream(self, path: str, body: bytes) -> AsyncIterator[tuple[int, bytes]]:
         """POST and yield (status, chunk) as each chunk of the answer arrives."""

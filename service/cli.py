@@ -65,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
     if (reason := refusal(settings)) is not None:
         print(f"carousel serve: {reason}", file=sys.stderr)
         return 2
+    from .manifest import ManifestError
+    from .registry import read_repository
+
+    try:
+        read_repository(settings.model_repository)  # every manifest, before anything binds
+    except ManifestError as e:
+        print(f"carousel serve: {e}", file=sys.stderr)
+        return 2
     from .app import create_app  # the heavy imports only once the flags are good
     from .server import run_server
 

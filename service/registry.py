@@ -23,6 +23,8 @@ from .tensormodel import TensorModel
 log = logging.getLogger("carousel.service")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+VERSION = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only: str.isdigit() also takes '²'
+
 
 
 def adapter_for(manifest: Manifest) -> ByteLM | TensorModel:
@@ -54,6 +56,28 @@ class ModelVersion:
         return self.manifest.adapter == BYTE_LM
 
 
+def read_repository(repository: Path) -> list[Manifest]:
+    """Every version's manifest, checked (no graph is loaded): what start-up checks before
+    it binds, so a broken manifest stops `carousel serve` with its file and the reason."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise ManifestError(f"model repository {repository} does not exist")
+    manifests = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
+        if not NAME.match(model_dir.name):
+            continue
+        for version_dir in sorted(model_dir.iterdir()):
+            if version_dir.is_dir() and VERSION.match(version_dir.name):
+                manifests.append(read_manifest(version_dir))
+    if not manifests:
+        raise ManifestError(
+            f"model repository {repository} holds no model versions "
+            "(<name>/<version>/manifest.json); export one with `carousel export` or bring "
+            "one with `carousel import`"
+        )
+    return manifests
+
+
 class Registry:
     def __init__(self, versions: list[ModelVersion]) -> None:
         self._models: dict[str, dict[int, ModelVersion]] = {}
@@ -66,30 +90,16 @@ class Registry:
              inter_op_threads: int = 1, wide_threads: int = 0) -> Registry:
         """Load every version (blocking: onnxruntime sessions are built here). A broken
         version stops start-up with a ManifestError that names its file."""
-        repository = Path(repository)
-        if not repository.is_dir():
-            raise ManifestError(f"model repository {repository} does not exist")
         versions = []
-        for model_dir in sorted(p for p in repository.iterdir() if p.is_dir()):
-            if not NAME.match(model_dir.name):
-                continue
-            for version_dir in sorted(model_dir.iterdir()):
-                if not (version_dir.is_dir() and version_dir.name.isdigit()):
-                    continue
-                manifest = read_manifest(version_dir)
-                adapter = adapter_for(manifest)
-                engine = Engine(manifest, intra_op_threads=intra_op_threads,
-                                inter_op_threads=inter_op_threads, wide_threads=wide_threads,
-                                extra_size=adapter.extra_size)
-                engine.warm_up()
-                log.info("loaded %s version %d (%s, %s)", manifest.name, manifest.version,
-                         manifest.adapter, manifest.graph_file)
-                versions.append(ModelVersion(manifest, engine, adapter))
-        if not versions:
-            raise ManifestError(
-                f"model repository {repository} holds no model versions "
-                "(<name>/<version>/manifest.json); export one with `carousel export`"
-            )
+        for manifest in read_repository(repository):
+            adapter = adapter_for(manifest)
+            engine = Engine(manifest, intra_op_threads=intra_op_threads,
+                            inter_op_threads=inter_op_threads, wide_threads=wide_threads,
+                            extra_size=adapter.extra_size)
+            engine.warm_up()
+            log.info("loaded %s version %d (%s, %s)", manifest.name, manifest.version,
+                     manifest.adapter, manifest.graph_file)
+            versions.append(ModelVersion(manifest, engine, adapter))
         return cls(versions)
 
     def start(self, make_scheduler: Callable[[ModelVersion], Scheduler]) -> None:
