@@ -164,9 +164,10 @@ class Tenant:
 class KeyRing:
     """Every valid key's digest with its tenant: one immutable snapshot of the keys."""
 
-    def __init__(self, entries: list[tuple[bytes, Tenant]]) -> None:
+    def __init__(self, entries: list[tuple[bytes, Tenant]],
+                 tenants: dict[str, Tenant] | None = None) -> None:
         self._entries = tuple(entries)
-        self.tenants = {t.name: t for _, t in entries}
+        self.tenants = tenants if tenants is not None else {t.name: t for _, t in entries}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -237,7 +238,7 @@ def parse_keys_file(path: Path) -> dict[str, TenantSpec]:
     if not isinstance(tenants, dict):
         raise AuthConfigError(f"keys file {path}: 'tenants' must be a table of tenants")
     specs: dict[str, TenantSpec] = {}
-    owner_of: dict[bytes, str] = {}
+    tenant_of_digest: dict[bytes, str] = {}
     for name, entry in tenants.items():
         where = f"keys file {path}: tenant {name!r}"
         if not TENANT_NAME.fullmatch(name):
@@ -258,9 +259,9 @@ def parse_keys_file(path: Path) -> dict[str, TenantSpec]:
                 raise AuthConfigError(f"{where}: sha256[{j}] is not a SHA-256 hex digest "
                                       "(64 hex digits: printf %s KEY | sha256sum)")
             d = bytes.fromhex(value)
-            if owner_of.setdefault(d, name) != name:
+            if tenant_of_digest.setdefault(d, name) != name:
                 raise AuthConfigError(f"{where}: sha256[{j}] is also a key of tenant "
-                                      f"{owner_of[d]!r}; a key belongs to one tenant")
+                                      f"{tenant_of_digest[d]!r}; a key belongs to one tenant")
             spec.digests.add(d)
         admin = entry.get("admin", False)
         if not isinstance(admin, bool):
@@ -298,7 +299,7 @@ class Authenticator:
         self._env = parse_api_keys(api_keys)  # raises AuthConfigError
         self._defaults = Limits.from_settings(settings)
         self._clock = clock
-        self.generation = 0  # bumped by every reload that changes the keys
+        self.generation = 0  # bumped each time keys are installed (start, every reload)
         self.ring = KeyRing([])
         if self.enabled:
             self._install(self._read())  # raises AuthConfigError: the server does not start
@@ -310,6 +311,11 @@ class Authenticator:
         if self.keys_file is None:
             return specs
         for name, spec in parse_keys_file(self.keys_file).items():
+            for other, known in specs.items():
+                if other != name and known.digests & spec.digests:
+                    raise AuthConfigError(
+                        f"keys file {self.keys_file}: a key of tenant {name!r} is also "
+                        f"tenant {other!r}'s in CAROUSEL_API_KEYS; a key belongs to one tenant")
             merged = specs.setdefault(name, TenantSpec(set(), limits={}))
             merged.digests |= spec.digests
             merged.admin = merged.admin or spec.admin
@@ -318,12 +324,13 @@ class Authenticator:
 
     def _install(self, specs: dict[str, TenantSpec]) -> None:
         current = self.ring.tenants
-        entries = []
+        tenants, entries = {}, []
         for name, spec in specs.items():
-            tenant = Tenant(name, spec.admin, replace(self._defaults, **(spec.limits or {})),
-                            previous=current.get(name), clock=self._clock)
+            tenant = tenants[name] = Tenant(
+                name, spec.admin, replace(self._defaults, **(spec.limits or {})),
+                previous=current.get(name), clock=self._clock)
             entries += [(d, tenant) for d in sorted(spec.digests)]
-        self.ring = KeyRing(entries)
+        self.ring = KeyRing(entries, tenants)  # a tenant without keys keeps its buckets too
         self.generation += 1
         log.info("API keys: %d tenants, %d keys%s", len(specs), len(entries),
                  f" (keys file {self.keys_file})" if self.keys_file else "")

@@ -141,6 +141,12 @@ def test_a_keys_file_that_cannot_be_used_is_refused_with_what_is_wrong(tmp_path,
         parse_keys_file(keys_file(tmp_path, text))
 
 
+def test_a_key_in_the_environment_and_the_file_belongs_to_one_tenant(tmp_path):
+    with pytest.raises(AuthConfigError, match="also tenant 'bob'"):
+        authenticator(tmp_path, api_keys=f"bob:{ALICE}")
+    assert authenticator(tmp_path, api_keys=f"alice:{ALICE}").ring.tenants["alice"]
+
+
 def test_a_missing_keys_file_stops_the_service_from_starting(tmp_path):
     with pytest.raises(AuthConfigError, match="cannot read it"):
         Authenticator(Settings(api_keys_file=tmp_path / "nope.toml"))
