@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decode import Stream
-from .errors import AtCapacity, InvalidInput, PositionMismatch, QueueFull, UnknownSession
+from .errors import (
+    AtCapacity,
+    InvalidInput,
+    PositionMismatch,
+    QueueFull,
+    SessionBusy,
+    UnknownSession,
+)
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import SessionRecord, SessionStore
@@ -68,13 +75,14 @@ def new_session_id() -> str:
 class SessionManager:
     def __init__(self, registry: Registry, store: SessionStore, *, session_ttl_s: float,
                  max_session_ttl_s: float, max_sessions: int, sweep_interval_s: float = 10.0,
-                 hooks: SessionHooks | None = None) -> None:
+                 max_waiting: int | None = None, hooks: SessionHooks | None = None) -> None:
         self.registry = registry
         self.store = store
         self.session_ttl_s = session_ttl_s
         self.max_session_ttl_s = max_session_ttl_s
         self.max_sessions = max_sessions
         self.sweep_interval_s = sweep_interval_s
+        self.max_waiting = max_waiting  # requests waiting on one session's lock (None: any)
         self.hooks = hooks or SessionHooks()
         self._locks = KeyedLocks()
         self._zero_rows: dict[ModelVersion, np.ndarray] = {}
@@ -134,7 +142,7 @@ class SessionManager:
         self.hooks.ended(record.model, "deleted")
 
     async def fork(self, session_id: str, ttl_s: float | None = None) -> SessionRecord:
-        await self._locks.acquire(session_id)  # the copy sees no half-applied step
+        await self._acquire(session_id)  # the copy sees no half-applied step
         try:
             src = await self.get(session_id)
             ttl = src.ttl_s if ttl_s is None else self._ttl(ttl_s)
@@ -161,7 +169,7 @@ class SessionManager:
         is there; if this exact step (same position, same digest) was the last one applied,
         answer it again: `replay(mv, record, step)` recomputes its result, else the record's
         kept copy is returned."""
-        await self._locks.acquire(session_id)
+        await self._acquire(session_id)
         try:
             record = await self.get(session_id)
             mv = self.registry.get(record.model, record.version)
@@ -174,6 +182,9 @@ class SessionManager:
                 raise PositionMismatch(position, record.position)
             result = await mv.scheduler.run(session_id, step.inputs, step.length, record.row,
                                             step.options)
+            # Applied: from here on nothing may be left half done, so the record is updated
+            # before anything is awaited (a client that leaves now is too late to cancel it;
+            # its retry is answered from the record).
             record.row = result.row
             record.last_start, record.last_digest = record.position, step.digest
             record.last_result = self._kept(mv, result.result)
@@ -204,7 +215,7 @@ class SessionManager:
         """Join the model's running streams (generations); returns once it has joined (or
         raises). `make(mv, record)` builds the stream from the session (and raises for bad
         input). The session stays locked until what the stream fed is written back."""
-        await self._locks.acquire(session_id)
+        await self._acquire(session_id)
         try:
             record = await self.get(session_id)
             mv = self.registry.get(record.model, record.version)
@@ -220,14 +231,21 @@ class SessionManager:
         return stream
 
     async def _write_back(self, record: SessionRecord, stream) -> None:
+        """Wait for the stream to end and keep what it fed. Meanwhile the session is in use:
+        it is touched every half TTL, so neither a read nor the sweeper finds it expired
+        however long the stream runs, and its idle time starts again when the stream ends."""
         try:
-            await asyncio.shield(stream.done)
+            while not stream.done.done():
+                await asyncio.wait([stream.done], timeout=record.ttl_s / 2)
+                if not stream.done.done():
+                    record.last_used_at = time.time()
+                    await self.store.put(record)  # a session deleted meanwhile stays deleted
             if stream.row is not record.row:
                 record.row = stream.row
                 record.position = stream.position
                 record.last_start, record.last_digest, record.last_result = -1, None, None
-                record.last_used_at = time.time()
-                await self.store.put(record)  # a session deleted meanwhile stays deleted
+            record.last_used_at = time.time()
+            await self.store.put(record)
         finally:
             self._locks.release(record.session_id)
 
@@ -258,6 +276,19 @@ class SessionManager:
                 log.exception("session sweep failed")
 
     # ------------------------------------------------------------------ helpers
+
+    def admit(self, session_id: str) -> None:
+        """Raise SessionBusy if a request on this session would have to wait behind
+        `max_waiting` others: refused at once, holding nothing (transports call this before
+        reading a body; acquiring checks again)."""
+        if self.max_waiting is not None and self._locks.users(session_id) > self.max_waiting:
+            raise SessionBusy(
+                f"{self.max_waiting} requests already wait on this session, which runs them "
+                "one at a time; retry when they have been answered", retry_after=1)
+
+    async def _acquire(self, session_id: str) -> None:
+        self.admit(session_id)  # no await in between: the count cannot change meanwhile
+        await self._locks.acquire(session_id)
 
     def _ttl(self, ttl_s: float | None) -> float:
         if ttl_s is None:
