@@ -74,7 +74,8 @@ class Registry:
             if not NAME.match(model_dir.name):
                 continue
             for version_dir in sorted(model_dir.iterdir()):
-                if not (version_dir.is_dir() and version_dir.name.isdigit()):
+                name = version_dir.name
+                if not (version_dir.is_dir() and name.isascii() and name.isdigit()):
                     continue
                 manifest = read_manifest(version_dir)
                 adapter = adapter_for(manifest)
