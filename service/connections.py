@@ -102,6 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = IDLE
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes received since the request began, until its headers end
+        self._header_size = 0  # the request line and the headers parsed so far, exactly
         self._headers = 0
         self._refusal: ServiceError | None = None
 
@@ -140,7 +141,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(self._refusal or InvalidHttp(
                 "the bytes received are not an HTTP/1.1 request"))
             return
-        if self._phase == HEAD:
+        if self._phase == HEAD:  # still in the headers: every byte read so far is theirs
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(self._too_large())
             elif self._deadline is None:
@@ -154,10 +155,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._disarm()  # the idle timer: a request has begun
         self._phase = HEAD
-        self._headers = 0
+        self._headers = self._header_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._header_size += len(url)
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
+        self._header_size += len(name) + len(value) + 4  # ": " and CRLF
         if self._headers > self.limits.max_headers:
             self._refusal = HeadersTooLarge(
                 f"more than {self.limits.max_headers} request headers; send fewer")
@@ -165,7 +171,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        if self._head_bytes > self.limits.max_header_bytes:
+        # Exact here: the read that completed the headers may carry the body too.
+        if self._header_size > self.limits.max_header_bytes:
             self._refusal = self._too_large()
             raise _Refused
         self._disarm()

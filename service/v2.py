@@ -5,7 +5,8 @@ binary tensors; JSON clients application/json; the types a web form posts are re
 decode it with v2codec, call the v2 data
 plane (v2plane.py), encode the answer. Errors are the protocol's `{"error": "<message>"}`:
 404 for an unknown model or version, 413 for a body over the limit, 503 (with Retry-After)
-while the server cannot take work, 400 for anything else a client can send.
+while the server cannot take work, and the service's own status where the protocol has
+none to say (403 origin, 415 media type, 429 session busy); 400 for anything else.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _json(obj, status: int = 200) -> Response:
 
 def error_response(error: ServiceError) -> Response:
     """The protocol's error shape, with the status Triton gives the same mistake."""
-    status = error.status if error.status in (404, 413, 429, 503) or error.status >= 500 else 400
+    kept = (403, 404, 413, 415, 429, 503)
+    status = error.status if error.status in kept or error.status >= 500 else 400
     return Response(encode_error(error.message), status_code=status, media_type=JSON,
                     headers=error.headers())
 
