@@ -144,11 +144,16 @@ class RequestMiddleware:
         svc = self.service
         plane = svc.plane
         try:
-            plane.admit(session_id)  # 429 before the body is read when the session is busy
+            ahead = plane.admit(session_id)  # 429 before the body is read if it is busy
             # The body goes straight into the call: nothing here holds it while it waits.
-            answer = await unless_disconnected(plane.step(
+            step = plane.step(
                 session_id, await read_asgi_body(scope, receive, svc.settings.max_body_bytes),
-                scope), receive)
+                scope)
+            # A step that queues behind others on its session is cancelled if its client
+            # leaves meanwhile (disconnect.py). One that does not wait is answered within a
+            # batch or two, and watching it would cost the hot path a task per step
+            # (measured: ~10% more server CPU per step).
+            answer = await (unless_disconnected(step, receive) if ahead else step)
             status, payload, extra = 200, views.dumps(answer), ()
         except ServiceError as e:
             status, payload = e.status, views.dumps(error_body(e))

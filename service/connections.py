@@ -102,7 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = IDLE
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # bytes received since the request began, until its headers end
-        self._header_size = 0  # the request line and the headers parsed so far, exactly
+        self._header_size = 0  # the headers parsed so far, exactly (the URL is in self.url)
         self._headers = 0
         self._refusal: ServiceError | None = None
 
@@ -157,10 +157,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = HEAD
         self._headers = self._header_size = 0
 
-    def on_url(self, url: bytes) -> None:
-        self._header_size += len(url)
-        super().on_url(url)
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
         self._header_size += len(name) + len(value) + 4  # ": " and CRLF
@@ -172,7 +168,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         # Exact here: the read that completed the headers may carry the body too.
-        if self._header_size > self.limits.max_header_bytes:
+        if self._header_size + len(self.url) > self.limits.max_header_bytes:
             self._refusal = self._too_large()
             raise _Refused
         self._disarm()

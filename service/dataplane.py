@@ -144,12 +144,13 @@ class DataPlane:
             out.update(views.answer_fields(answer, req.return_logits))
         return out
 
-    def admit(self, session_id: str) -> None:
+    def admit(self, session_id: str) -> int:
         """Refuse at once (429 session_busy) a request that would queue behind too many on
         its session; transports call it before reading the body, so a refused request costs
-        nothing (the session manager checks again when it takes the session's lock)."""
+        nothing (the session manager checks again when it takes the session's lock).
+        Returns how many it would wait behind."""
         self.service.check_accepting()
-        self.service.sessions.admit(session_id)
+        return self.service.sessions.admit(session_id)
 
     async def step(self, session_id: str, body: bytes | str | dict, scope: dict) -> dict:
         """A step from its JSON body (or a WebSocket frame's object) to its answer."""

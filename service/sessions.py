@@ -277,14 +277,16 @@ class SessionManager:
 
     # ------------------------------------------------------------------ helpers
 
-    def admit(self, session_id: str) -> None:
-        """Raise SessionBusy if a request on this session would have to wait behind
-        `max_waiting` others: refused at once, holding nothing (transports call this before
-        reading a body; acquiring checks again)."""
-        if self.max_waiting is not None and self._locks.users(session_id) > self.max_waiting:
+    def admit(self, session_id: str) -> int:
+        """How many requests a new one on this session would wait behind; SessionBusy if
+        that is more than `max_waiting`: refused at once, holding nothing (transports call
+        this before reading a body; acquiring checks again)."""
+        ahead = self._locks.users(session_id)
+        if self.max_waiting is not None and ahead > self.max_waiting:
             raise SessionBusy(
                 f"{self.max_waiting} requests already wait on this session, which runs them "
                 "one at a time; retry when they have been answered", retry_after=1)
+        return ahead
 
     async def _acquire(self, session_id: str) -> None:
         self.admit(session_id)  # no await in between: the count cannot change meanwhile
