@@ -1,9 +1,9 @@
 """Measure the connection and session limits (docs/SECURITY.md, "Limits and hardening").
 
 `python -m carousel.bench.limits [--out DIR]` starts `carousel serve` on the bundled models on
-a free loopback port (default settings), runs each abuse against it, and writes limits.json
-and limits.md to DIR (bench/results by default). Every attack is bounded in count and time
-and talks to 127.0.0.1 only. What it measures:
+a free loopback port (default settings but a longer generation limit), runs each abuse
+against it, and writes limits.json and limits.md to DIR (bench/results by default). Every
+attack is bounded in count and time and talks to 127.0.0.1 only. What it measures:
 
 - headers: eight concurrent 10 MB request headers; the server's resident memory before and
   after, and the answer;
@@ -132,8 +132,9 @@ def session_flood(url: str, pid: int, count: int = 1000) -> dict:
         before = rss_mb(pid)
         statuses: list[int] = []
         peak = [before]
+        # A generation holds the session for the whole flood (the server allows a long one).
         with c.stream("POST", f"/v1/sessions/{sid}/generate",
-                      json={"max_tokens": 4096, "seed": 1, "stream": True}) as gen:
+                      json={"max_tokens": 1_000_000, "seed": 1, "stream": True}) as gen:
             next(gen.iter_lines())
 
             def step() -> None:
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAROUSEL_")}
     carousel = Path(sys.executable).with_name("carousel")
-    proc = subprocess.Popen([str(carousel), "serve", "--port", str(port)], env=env,
+    proc = subprocess.Popen([str(carousel), "serve", "--port", str(port),
+                             "--max-generate-tokens", "1000000"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
