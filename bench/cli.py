@@ -17,14 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import limit, profile, report, scenarios, servers, v2
+from . import fairness, limit, profile, report, scenarios, servers, v2
 from . import plan as plans
 from .graph import GraphRunner, ModelVersion, export_random_model, find_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("limit", "step_http", "step_ws", "generate", "predict", "memory")
-# Run only when asked for: v2 builds its imported model with torch (the train extra).
-OPT_IN = ("v2",)
+# Run only when asked for: v2 builds its imported model with torch (the train extra);
+# fairness runs two servers with API keys of two tenants.
+OPT_IN = ("v2", "fairness")
 SERVERS = ("floor", "naive", "carousel")
 LOWER_FLOORS = ("floor-starlette", "floor-asgi")  # measured at FLOOR_LEVEL sessions only
 FLOOR_LEVEL = 64
@@ -43,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated subset of " + ",".join(SCENARIOS)
                         + " (default: all of them), or " + ",".join(OPT_IN)
-                        + " (the Open Inference Protocol against v1, and an imported LSTM)")
+                        + " (the Open Inference Protocol against v1, and an imported LSTM; "
+                        "two tenants, one flooding, with and without fair share)")
     parser.add_argument("--levels", default=None,
                         help="concurrent sessions for step and generate, e.g. 1,64")
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario (median)")
@@ -243,6 +245,16 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
         v2_wrong = any(r["errors"] for runs in result["runs"].values() for r in runs)
     else:
         v2_wrong = False
+    fair_wrong = False
+    if "fairness" in chosen:
+        steps = 100 if args.quick else 300
+        result = fairness.run(model, args.out / "logs", steps, plan.reps, carousel_env)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fairness.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "fairness.md").write_text(fairness.markdown(result))
+        log("fairness:\n" + fairness.markdown(result))
+        results["fairness"] = {k: v for k, v in result.items() if k != "runs"}
+        fair_wrong = not result["correct"]["ok"]
     results["meta"]["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     paths = report.write(results, args.out)
@@ -254,7 +266,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                for r in per_server.values()]
     wrong = [c for c in checks if c and not c["ok"]]
     # Benchmarks assert nothing about time, but a wrong answer is a failure.
-    return 1 if wrong or v2_wrong else 0
+    return 1 if wrong or v2_wrong or fair_wrong else 0
 
 
 def main(argv: list[str] | None = None) -> int:

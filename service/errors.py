@@ -24,6 +24,7 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 429    | rate_limited       | the tenant's requests/s or tokens/s bucket is empty (has       |
 |        |                    | Retry-After)                                                   |
 | 429    | tenant_limit       | the tenant holds its most sessions or generations (Retry-After)|
+| 429    | tenant_queue_full  | the tenant holds its share of the model's queue (Retry-After)  |
 | 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
 | 503    | queue_full         | the model's work queue is full (has Retry-After)               |
 | 503    | not_ready          | models are still loading or the store is unreachable           |
@@ -85,6 +86,13 @@ class TenantLimit(RateLimited):
     it passes as the tenant's own sessions end (Retry-After says when to look again)."""
 
     code = "tenant_limit"
+
+
+class TenantQueueFull(RateLimited):
+    """A tenant holds its share of a model's queue while other tenants have work queued: a
+    429 (its own load, not the server's), and the others' work still gets in."""
+
+    code = "tenant_queue_full"
 
 
 class InvalidJson(ServiceError):

@@ -27,6 +27,28 @@ Rules a batch respects:
   (one in the thread, one being answered and refilled by the event loop);
 - the queue is bounded: `submit` raises QueueFull (503 + Retry-After) when it is full.
 
+Fair share across tenants. Work carries its tenant (an opaque name; None when the server has
+no API keys) and waits in its tenant's queue, oldest first. When a batch is filled:
+- each pass over the tenants with queued work gives every one of them an equal part of the
+  rows still free (rounded up), taken from its oldest work that fits; a tenant with less
+  work than its part leaves the rest to the next pass. That is max-min fairness per batch:
+  a tenant may take more than 1/n of a batch only when the others have nothing more to put
+  in it, and a tenant alone gets the whole batch (no tenants at all: one queue, oldest
+  first, exactly as without tenants);
+- the tenant that went first goes last next time, so which tenant's oldest work sets the
+  batch's signature (and who gets the rounding's extra row) rotates;
+- rows are counted, not steps: a long input's chunk is one row, and the padding budget
+  already keeps any batch from computing more than about twice its real steps;
+- stateless work (predictions) counts against its tenant like a session's steps;
+- the queue's bound is shared: a tenant may hold at most max(max_queue / n, max_batch_size)
+  queued items while n tenants have work queued (all of it when alone); past that its work
+  is refused (TenantQueueFull, 429) while the others' still gets in. So the queue may hold
+  more than max_queue for a moment, when a tenant that filled it alone drains.
+Generations are not shared out per tenant: a decode run steps every stream once a round,
+its groups (of at most max_batch_size streams) in turn, so each stream gets the same pace
+and a tenant's share of the tokens is its share of the streams (the auth limits bound how
+many it may run). `fair_share=False` puts everyone's work in one queue, oldest first.
+
 Nothing here knows HTTP: results go back through futures and stream events.
 """
 
@@ -45,7 +67,7 @@ from typing import Protocol
 import numpy as np
 
 from .decode import Stream, decode_run
-from .errors import InferenceFailed, QueueFull, ShuttingDown
+from .errors import InferenceFailed, QueueFull, ShuttingDown, TenantQueueFull
 
 log = logging.getLogger("carousel.service")
 
@@ -64,6 +86,7 @@ class Work:
     options: object  # what the adapter needs to answer (the byte LM: top k)
     future: asyncio.Future
     signature: tuple = ()  # rows of one batch share it (see Batcher.signature)
+    tenant: str | None = None  # whose work it is (its fair share); None: no tenants
     enqueued_at: float = field(default_factory=time.perf_counter)
     consumed: int = 0  # steps already run (long inputs run in chunks)
     partials: list = field(default_factory=list)  # results of the chunks run so far
@@ -177,7 +200,7 @@ def _pad(parts: list[np.ndarray], spec, longest: int) -> np.ndarray:
 class Scheduler:
     def __init__(self, engine, adapter: Adapter, *, max_batch_size: int = 64,
                  max_batch_delay_s: float = 0.002, max_queue: int = 1024,
-                 prefill_chunk: int = 256, threads: int = 1,
+                 prefill_chunk: int = 256, threads: int = 1, fair_share: bool = True,
                  hooks: SchedulerHooks | None = None, name: str = "model") -> None:
         self.engine = engine
         self.adapter = adapter
@@ -187,9 +210,13 @@ class Scheduler:
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.fair_share = fair_share
         self.hooks = hooks or SchedulerHooks()
         self.name = name
-        self._queue: deque[Work] = deque()
+        # Queued work per tenant, oldest first; only tenants with queued work are keys, in
+        # the order they take their turns (see _take_work).
+        self._queues: dict[str | None, deque[Work]] = {}
+        self._queued = 0  # items in all of them
         self._active: list[Stream] = []
         self._recent: dict[object, float] = {}  # key -> last time it submitted work
         self._recent_pruned = 0.0
@@ -216,8 +243,14 @@ class Scheduler:
 
     def submit(self, work: Work) -> None:
         """Queue work; its future gets a WorkResult (or the error of a failed batch)."""
-        self._admit(len(self._queue), "requests already queued")
-        self._queue.append(work)
+        if not self.fair_share:
+            work.tenant = None
+        self.check_room(1, work.tenant)
+        queue = self._queues.get(work.tenant)
+        if queue is None:
+            queue = self._queues[work.tenant] = deque()
+        queue.append(work)
+        self._queued += 1
         if 0 in self._decoding.values():
             self._interrupt = True  # a decode run holds the work thread: give it back
         if work.key is not None:
@@ -225,6 +258,24 @@ class Scheduler:
         else:
             self._stateless += 1
         self._poke()
+
+    def check_room(self, items: int, tenant: str | None = None) -> None:
+        """Raise unless `tenant` may queue `items` more now: up to the bound while no other
+        tenant has work queued, else up to its share of it (see the module's docstring)."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        others = len(self._queues) - (tenant in self._queues) if self.fair_share else 0
+        if not others:
+            if self._queued + items > self.max_queue:
+                raise QueueFull(f"{self.name}: {self._queued} items queued, at most "
+                                f"{self.max_queue}; retry soon", retry_after=1)
+            return
+        share = max(self.max_queue // (others + 1), min(self.max_queue, self.max_batch_size))
+        held = len(self._queues.get(tenant, ()))
+        if held + items > share:
+            raise TenantQueueFull(
+                f"{self.name}: {others + 1} tenants have work queued, so each may hold "
+                f"{share} items; yours holds {held}; retry soon", retry_after=1)
 
     def _admit(self, waiting: int, what: str) -> None:
         """Refuse new work while closing, or when `waiting` has reached the bound."""
@@ -234,11 +285,12 @@ class Scheduler:
             raise QueueFull(f"{self.name}: {self.max_queue} {what}; retry soon", retry_after=1)
 
     async def run(self, key: object | None, inputs: dict[str, np.ndarray], length: int,
-                  row: np.ndarray | None, options: object = None) -> WorkResult:
-        """Submit work and wait for its result."""
+                  row: np.ndarray | None, options: object = None,
+                  tenant: str | None = None) -> WorkResult:
+        """Submit work (of `tenant`) and wait for its result."""
         future = asyncio.get_running_loop().create_future()
         self.submit(Work(key, inputs, length, row, options, future,
-                         self.batcher.signature(inputs)))
+                         self.batcher.signature(inputs), tenant))
         return await future
 
     def start_stream(self, stream: Stream) -> None:
@@ -250,7 +302,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     @property
     def generating(self) -> int:
@@ -267,10 +319,12 @@ class Scheduler:
             _, late = await asyncio.wait(pending, timeout=10.0)
             for task in late:
                 task.cancel()
-        while self._queue:
-            w = self._queue.popleft()
-            if not w.future.done():
-                w.future.set_exception(ShuttingDown("the server shut down before this ran"))
+        for queue in self._queues.values():
+            for w in queue:
+                if not w.future.done():
+                    w.future.set_exception(ShuttingDown("the server shut down before this ran"))
+        self._queues.clear()
+        self._queued = 0
         for stream in self._active:
             stream.finish("shutdown")
         self._active.clear()
@@ -295,7 +349,7 @@ class Scheduler:
         if self._decoding or not self._active:
             return False
         threads = list(range(len(self._executors)))
-        busy = bool(self._queue or self._batches)
+        busy = bool(self._queued or self._batches)
         if busy and len(threads) > 1:
             threads = threads[1:]
         # With one thread and work waiting, the run yields after one iteration, so work
@@ -322,15 +376,16 @@ class Scheduler:
         if len(self._batches) >= 2 or 0 in self._decoding.values():
             self._wake_at = math.inf  # only a finished batch or run wakes the loop
             return False
-        if not self._queue:
+        if not self._queued:
             return False
         now = time.perf_counter()
         limit = self._batch_limit(now)
-        if len(self._queue) < limit:
+        if self._queued < limit:
             if self._batches:  # the thread is busy anyway: the batch can grow meanwhile
                 self._wake_at = limit
                 return False
-            deadline = self._queue[0].enqueued_at + self.max_batch_delay_s
+            oldest = min(queue[0].enqueued_at for queue in self._queues.values())
+            deadline = oldest + self.max_batch_delay_s
             if now < deadline:  # idle thread: give the batch a moment to fill
                 self._wake_at, self._deadline = limit, deadline
                 return False
@@ -344,7 +399,7 @@ class Scheduler:
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
-        if (not self._queue and not self._batches and self._decoding
+        if (not self._queued and not self._batches and self._decoding
                 and len(self._decoding) < len(self._executors)
                 and len(self._active) >= 2 * MIN_DECODE_SPLIT):
             self._interrupt = True  # the work is done: let the streams take every thread
@@ -373,7 +428,7 @@ class Scheduler:
 
     def _poke(self) -> None:
         """New work: wake the loop once there is enough of it to act on."""
-        if len(self._queue) >= self._wake_at:
+        if self._queued >= self._wake_at:
             self._wake_loop()
 
     def _expected_sources(self, now: float) -> int:
@@ -403,49 +458,65 @@ class Scheduler:
         self._active = [s for s in self._active if s.finish_reason is None]
 
     def _take_work(self, limit: int) -> tuple[list[Work], list[dict[str, np.ndarray]]]:
-        """Queued work for this batch, oldest first, within the size and padding budget and
-        sharing the oldest work's signature."""
+        """Queued work for this batch: at most `limit` rows within the padding budget, all
+        sharing the first row's signature, each tenant's oldest first. Every pass over the
+        tenants gives each an equal part of the rows still free; one tenant (or none): one
+        pass, oldest first."""
         works: list[Work] = []
         chunks: list[dict[str, np.ndarray]] = []
         taken_keys: set = set()
         blocked: set = set()  # a key whose older work stays queued keeps its later work too
         real = longest = 0  # real steps in the batch, and the longest row
         signature = None
-        left: deque[Work] = deque()
         paddable = self.batcher.paddable
-        while self._queue:
-            w = self._queue.popleft()
-            if w.future.done():  # its caller gave up: skip without running it
-                if w.key is None:
-                    self._stateless -= 1
-                continue
-            n = min(w.length - w.consumed, self.prefill_chunk) if paddable else w.length
-            if signature is None:
-                signature = (w.signature, None if paddable else n)
-            fits = (
-                len(works) < limit
-                and (w.signature, None if paddable else n) == signature
-                and (w.key is None or (w.key not in taken_keys and w.key not in blocked))
-                # padding may at most double the computed steps (small batches always fit)
-                and (len(works) + 1) * max(longest, n) <= max(2 * (real + n), 16)
-            )
-            if not fits:
-                left.append(w)
-                if w.key is not None:
-                    blocked.add(w.key)
-                if len(works) >= limit:
-                    break
-                continue
-            works.append(w)
-            chunks.append(self.batcher.chunk(w, n))
-            if w.key is not None:
-                taken_keys.add(w.key)
-            else:
-                self._stateless -= 1
-            real += n
-            longest = max(longest, n)
-        left.extend(self._queue)
-        self._queue = left
+        kept: dict[str | None, deque[Work]] = {t: deque() for t in self._queues}
+        turns = list(self._queues)  # tenants that may still add rows, in turn order
+        while turns and len(works) < limit:
+            part = -(-(limit - len(works)) // len(turns))  # rounded up
+            more = []
+            for tenant in turns:
+                queue, left = self._queues[tenant], kept[tenant]
+                stop = min(limit, len(works) + part)
+                while queue and len(works) < stop:
+                    w = queue.popleft()
+                    if w.future.done():  # its caller gave up: skip without running it
+                        if w.key is None:
+                            self._stateless -= 1
+                        continue
+                    n = min(w.length - w.consumed, self.prefill_chunk) if paddable else w.length
+                    if signature is None:
+                        signature = (w.signature, None if paddable else n)
+                    fits = (
+                        (w.signature, None if paddable else n) == signature
+                        and (w.key is None or (w.key not in taken_keys and w.key not in blocked))
+                        # padding may at most double the computed steps (small batches fit)
+                        and (len(works) + 1) * max(longest, n) <= max(2 * (real + n), 16)
+                    )
+                    if not fits:
+                        left.append(w)
+                        if w.key is not None:
+                            blocked.add(w.key)
+                        continue
+                    works.append(w)
+                    chunks.append(self.batcher.chunk(w, n))
+                    if w.key is not None:
+                        taken_keys.add(w.key)
+                    else:
+                        self._stateless -= 1
+                    real += n
+                    longest = max(longest, n)
+                if queue:  # it filled its part: it may take more of what the others leave
+                    more.append(tenant)
+            turns = more
+        # What is left goes back; the tenant that went first goes last next time.
+        queues, order = self._queues, list(kept)
+        self._queues = {}
+        for tenant in order[1:] + order[:1]:
+            left = kept[tenant]
+            left.extend(queues[tenant])
+            if left:
+                self._queues[tenant] = left
+        self._queued = sum(len(q) for q in self._queues.values())
         return works, chunks
 
     async def _run_batch(self, loop, works: list[Work],
@@ -484,7 +555,12 @@ class Scheduler:
                 if w.partials:
                     result = self.adapter.merge([*w.partials, result])
                 w.future.set_result(WorkResult(row, result))
-        self._queue.extendleft(reversed(unfinished))
+        for w in reversed(unfinished):  # each at the front of its tenant's queue
+            queue = self._queues.get(w.tenant)
+            if queue is None:
+                queue = self._queues[w.tenant] = deque()
+            queue.appendleft(w)
+        self._queued += len(unfinished)
 
     def _compute(self, chunks: list[dict[str, np.ndarray]], lengths: np.ndarray, rows: list,
                  works: list[Work]) -> tuple[list[np.ndarray], list, float]:
@@ -552,6 +628,7 @@ def make_scheduler(engine, adapter, settings, hooks: SchedulerHooks | None, name
         max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk_tokens,
+        fair_share=settings.fair_share,
         threads=settings.inference_threads,
         hooks=hooks,
         name=name,

@@ -34,14 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .decode import Stream
-from .errors import (
-    AtCapacity,
-    InvalidInput,
-    PositionMismatch,
-    QueueFull,
-    TenantLimit,
-    UnknownSession,
-)
+from .errors import AtCapacity, InvalidInput, PositionMismatch, TenantLimit, UnknownSession
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import SessionRecord, SessionStore
@@ -234,14 +227,13 @@ class SessionManager:
     async def predict(self, mv: ModelVersion, steps: list[Step], *,
                       tenant: Tenant | None = None) -> list[Outcome]:
         """Stateless: each step from a zero state, batched with everything else queued."""
-        scheduler = mv.scheduler
-        if scheduler.queued + len(steps) > scheduler.max_queue:
-            raise QueueFull(f"{mv.name}: the queue cannot take {len(steps)} more inputs now",
-                            retry_after=1)
+        scheduler, owner = mv.scheduler, owner_of(tenant)
+        scheduler.check_room(len(steps), owner)  # all of them or none
         taken = tenant.take_tokens(sum(s.length for s in steps)) if tenant is not None else 0
         try:
             results = await asyncio.gather(
-                *(scheduler.run(None, s.inputs, s.length, None, s.options) for s in steps))
+                *(scheduler.run(None, s.inputs, s.length, None, s.options, tenant=owner)
+                  for s in steps))
         except BaseException:
             if taken:
                 tenant.give_tokens(taken)  # approximately: some rows may have run
@@ -408,12 +400,12 @@ class SessionManager:
 
     async def _run(self, mv: ModelVersion, tenant: Tenant | None, session_id: str, step: Step,
                    row: np.ndarray | None):
-        """Run a session's step, its tokens spent from the tenant's bucket first (and given
-        back if it does not run)."""
+        """Run a session's step as the tenant's work (its fair share in the scheduler), its
+        tokens spent from the tenant's bucket first (and given back if it does not run)."""
         taken = tenant.take_tokens(step.length) if tenant is not None else 0
         try:
             return await mv.scheduler.run(session_id, step.inputs, step.length, row,
-                                          step.options)
+                                          step.options, tenant=owner_of(tenant))
         except BaseException:
             if taken:
                 tenant.give_tokens(taken)

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         1024, ge=1, description="queued items per model version before answering 503 queue_full"
     )
+    fair_share: bool = Field(
+        True,
+        description="share batches and the queue fairly across tenants: while several have "
+        "work queued, each gets an equal part of every batch's rows (what one leaves goes to "
+        "the others) and may hold max(max_queue / tenants, max_batch_size) queued items "
+        "before 429 tenant_queue_full; false: one queue, oldest first",
+    )
     inference_threads: int = Field(
         2, ge=1, le=64,
         description="inference threads per model version: generations running alone are "

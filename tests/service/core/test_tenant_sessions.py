@@ -35,7 +35,11 @@ class Scheduler:
         self.ran: list[int] = []
         self.streams: list[Stream] = []
 
-    async def run(self, key, inputs, length, row, options):
+    def check_room(self, items, tenant=None) -> None:
+        if self.queued + items > self.max_queue:
+            raise QueueFull("full", retry_after=1)
+
+    async def run(self, key, inputs, length, row, options, tenant=None):
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.refuse:
