@@ -365,13 +365,13 @@ class SessionManager:
     async def _check_capacity(self, tenant: Tenant | None = None) -> None:
         """Raise unless one more session fits: the server's cap, then the tenant's."""
         limit = tenant.limits.max_sessions if tenant is not None else 0
-        held = self._held.get(tenant.name, 0) if tenant is not None else 0
         count = await self.store.count()
+        held = self._held.get(tenant.name, 0) if limit else 0  # read after the await
         full = count + self._creating > self.max_sessions or (limit and held >= limit)
         if full and time.monotonic() - self._last_sweep > 1:
             await self.sweep()  # expired sessions may still be counted: reclaim them first
             count = await self.store.count()
-            held = self._held.get(tenant.name, 0) if tenant is not None else 0
+            held = self._held.get(tenant.name, 0) if limit else 0
         if count + self._creating > self.max_sessions:
             raise AtCapacity(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete unused "
