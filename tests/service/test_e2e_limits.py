@@ -9,6 +9,7 @@ server closes it, within a generous bound, and the test checks that it was close
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -63,6 +64,18 @@ def read_all(sock: socket.socket, limit_s: float = 30.0) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole answer (its head and Content-Length bytes of body): a recv may return less."""
+    raw = b""
+    while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"(?i)content-length:\s*(\d+)", raw).group(1)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    return raw
 
 
 def parse(raw: bytes) -> tuple[int, dict, dict]:
@@ -276,7 +289,7 @@ def test_requests_waiting_on_one_session_are_bounded(limited, lapi, check):
                      "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
                      .encode())
         sock.settimeout(30)
-        status, _, body = parse(sock.recv(65536))
+        status, _, body = parse(read_answer(sock))
         assert (status, body["error"]["code"]) == (429, "session_busy")
         sock.close()
     # Leaving the stream cancels the generation; the waiting steps then apply, in turn.

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 EXAMPLES = 12
-KEY = "schemathesis-test-key"
+KEY = "schemathesis-test-key-0123456789"  # keys are at least 16 characters
 MODES = ["no-key"] + (["key"] if "api_keys" in Settings.model_fields else [])
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
@@ -45,7 +45,7 @@ def keyed_server(request, start_server, tiny_repo, check):
     env = {"CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]), **check.LIMITS,
            "CAROUSEL_MAX_GENERATE_TOKENS": "64"}
     if request.param == "key":
-        env["CAROUSEL_API_KEYS"] = KEY
+        env["CAROUSEL_API_KEYS"] = f"schemathesis:{KEY}"  # tenant:key
     server = start_server(f"schemathesis-{request.param}", env)
     headers = {"Authorization": f"Bearer {KEY}"} if request.param == "key" else {}
     return server, schemathesis.openapi.from_url(server.url + "/openapi.json"), headers
