@@ -45,6 +45,7 @@ A_BUDGET = 8  # A's clients may send this many times B's steps (they stop when B
 TARGET_P99, TARGET_THROUGHPUT = 1.5, 0.8
 SCHEDULERS = {"fair share": {}, "oldest first": {"CAROUSEL_FAIR_SHARE": "false"}}
 FLOODS = ("sessions", "predict")
+REFUSED = "refused"  # the answer of a prediction the server refused (nothing to check)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Client:
     latencies: list[float] = field(default_factory=list)  # timed requests only (seconds)
     answered: list[float] = field(default_factory=list)  # when each timed one was answered
     errors: list[str] = field(default_factory=list)
+    refused: int = 0  # predictions answered 429 or 503 (sent again at once, as a flood does)
 
     def top1(self, payload: dict):
         if self.predict:
@@ -76,6 +78,7 @@ async def _client(port: int, model: str, client: Client, start: asyncio.Barrier,
     """Send WARMUP requests, wait at the barrier, then the rest (until `stop`, if given)."""
     conn = Connection("127.0.0.1", port)
     auth = f"Authorization: Bearer {KEYS[client.tenant]}\r\n".encode()
+    arrived = False
     try:
         if client.predict:
             path = f"/v1/models/{model}/predict"
@@ -87,6 +90,7 @@ async def _client(port: int, model: str, client: Client, start: asyncio.Barrier,
             path = f"/v1/sessions/{json.loads(raw)['session_id']}/step"
         for k, token in enumerate(client.tokens):
             if k == WARMUP:
+                arrived = True
                 await start.wait()
             if stop is not None and stop.is_set():
                 break
@@ -99,6 +103,10 @@ async def _client(port: int, model: str, client: Client, start: asyncio.Barrier,
             try:
                 status, raw, _ = await conn.request_with_headers("POST", path, body, auth)
                 elapsed = time.perf_counter() - t0
+                if client.predict and status in (429, 503):  # its share of the queue is full
+                    client.refused += 1
+                    client.answers.append(REFUSED)
+                    continue
                 if status != 200:
                     raise RuntimeError(f"{status} {raw[:200]!r}")
                 client.answers.append(client.top1(json.loads(raw)))
@@ -111,6 +119,8 @@ async def _client(port: int, model: str, client: Client, start: asyncio.Barrier,
                 break  # a session's position is unknown now: its later answers would be too
     finally:
         conn.close()
+        if not arrived:  # one that failed early still arrives, or the others wait forever
+            await start.wait()
 
 
 def _clients(tenant: str, n: int, offset: int, requests: int, predict: bool = False
@@ -145,9 +155,11 @@ async def _load(port: int, model: str, steps: int, flood: str | None, rep: int) 
         "b_steps_per_s": b_steps / span if span else 0.0,
         "b_p50_ms": 1e3 * b_lat.get("p50", 0.0), "b_p99_ms": 1e3 * b_lat.get("p99", 0.0),
         "a_rows_per_s": a_rows / span if span else 0.0,
-        "a_outlasted_b": all(len(c.latencies) < len(c.tokens) - WARMUP for c in a),
+        "a_outlasted_b": all(len(c.answers) < len(c.tokens) for c in a),
+        "a_refused": sum(c.refused for c in a),
         "window_s": span,
         "errors": sum(len(c.errors) for c in a + b),
+        "b_errors": sum(len(c.errors) for c in b),
         "error_samples": [e for c in a + b for e in c.errors][:5],
         "clients": a + b,
     }
@@ -167,6 +179,8 @@ def _check(runner: GraphRunner, clients: list[Client], check: Check) -> None:
         alone = dict(zip(tokens, step_logprobs(runner, [[t] for t in tokens]), strict=True))
         for c in predictors:
             for k, answers in enumerate(c.answers):
+                if answers == REFUSED:
+                    continue
                 for i, answer in enumerate(answers or [None] * PREDICT_INPUTS):
                     check_top1(check, f"{c.tenant} predict {k} input {i}", answer,
                                alone[c.tokens[k]][0])
@@ -232,6 +246,8 @@ def _summary(runs: list[dict]) -> dict:
             "b_steps_per_s", "b_p50_ms", "b_p99_ms", "a_rows_per_s", "p99_ratio",
             "throughput_ratio")}
         out[flood]["a_outlasted_b"] = all(r[flood]["a_outlasted_b"] for r in runs)
+        out[flood]["a_refused"] = sum(r[flood]["a_refused"] for r in runs)
+        out[flood]["b_errors"] = sum(r[flood]["b_errors"] for r in runs)
         out[flood]["met"] = {"p99": out[flood]["p99_ratio"] <= TARGET_P99,
                              "throughput": out[flood]["throughput_ratio"] >= TARGET_THROUGHPUT}
     out["errors"] = sum(part["errors"] for r in runs for part in r.values())
@@ -242,8 +258,8 @@ def markdown(result: dict) -> str:
     met = {True: "", False: " (not met)"}
     lines = ["| A floods with | scheduler | B alone: steps/s, p50 / p99 ms | B meanwhile: "
              "steps/s, p50 / p99 ms | A's rows/s meanwhile | B's p99 ratio (target <= 1.5x) "
-             "| B's throughput (target >= 80%) |",
-             "|---|---|---|---|---|---|---|"]
+             "| B's throughput (target >= 80%) | B's errors / A's refused |",
+             "|---|---|---|---|---|---|---|---|"]
     label = {"sessions": f"{A_SESSIONS} sessions stepping",
              "predict": f"{A_PREDICT_CLIENTS} clients predicting {PREDICT_INPUTS} inputs"}
     for flood in FLOODS:
@@ -254,7 +270,8 @@ def markdown(result: dict) -> str:
                 f"{alone['b_p50_ms']:.2f} / {alone['b_p99_ms']:.2f} | "
                 f"{r['b_steps_per_s']:,.0f}, {r['b_p50_ms']:.2f} / {r['b_p99_ms']:.2f} | "
                 f"{r['a_rows_per_s']:,.0f} | **{r['p99_ratio']:.2f}x**{met[r['met']['p99']]} | "
-                f"**{100 * r['throughput_ratio']:.0f}%**{met[r['met']['throughput']]} |")
+                f"**{100 * r['throughput_ratio']:.0f}%**{met[r['met']['throughput']]} | "
+                f"{r['b_errors']} / {r['a_refused']} |")
     c = result["correct"]
     errors = sum(result[name]["errors"] for name in SCHEDULERS)
     lines.append("")
