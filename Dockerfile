@@ -4,7 +4,7 @@
 #   runtime (the default target): serves a model repository with onnxruntime.
 #     No torch, no onnx, no compilers; runs as an unprivileged user.
 #       docker build -t carousel .
-#       docker run --rm -p 127.0.0.1:8000:8000 carousel
+#       docker run --rm -p 127.0.0.1:8000:8000 -e CAROUSEL_API_KEYS=me:$(openssl rand -hex 16) carousel
 #   train: trains and exports models (torch 2.13.0, CPU); see the README.
 #       docker build --target train -t carousel-train .
 
@@ -80,6 +80,10 @@ COPY models/ /models/
 COPY deploy/healthcheck.py /opt/carousel/healthcheck.py
 # Every setting comes from the environment (CAROUSEL_*, see the README). These three are
 # the image's layout: listen on every interface of the container, read /models.
+# On 0.0.0.0 `carousel serve` refuses to start (exit status 2, with a message) unless API
+# keys are configured, -e CAROUSEL_API_KEYS_FILE=/path/in/container/keys.toml (mount it) or
+# -e CAROUSEL_API_KEYS=tenant:KEY, or unauthenticated serving is asked for explicitly with
+# -e CAROUSEL_ALLOW_UNAUTHENTICATED=true (see docs/SECURITY.md).
 ENV CAROUSEL_HOST=0.0.0.0 \
     CAROUSEL_PORT=8000 \
     CAROUSEL_MODEL_REPOSITORY=/models

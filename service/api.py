@@ -20,7 +20,8 @@ from fastapi.responses import StreamingResponse
 from . import views
 from .auth import tenant_of
 from .dataplane import DataPlane
-from .errors import RequestTooLarge
+from .disconnect import unless_disconnected
+from .errors import InvalidInput, RequestTooLarge, UnsupportedMediaType
 from .runtime import Service
 from .schemas import (
     CreateSessionRequest,
@@ -68,17 +69,60 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(views.dumps(obj), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
+def json_media(content_type: bytes) -> bool:
+    """A JSON body's Content-Type: application/json or application/*+json, any parameters."""
+    mime = content_type.partition(b";")[0].strip().lower()
+    return mime == b"application/json" or (mime.startswith(b"application/")
+                                           and mime.endswith(b"+json"))
+
+
+# What a web page can post cross-site without a preflight (the CORS-safelisted types): a JSON
+# route never reads such a body as JSON, however it parses.
+SIMPLE_MEDIA = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
+def raw_media(content_type: bytes) -> bool:
+    """A raw body's Content-Type (v2: binary tensors or JSON): anything but a form's."""
+    return content_type.partition(b";")[0].strip().lower() not in SIMPLE_MEDIA
+
+
+async def read_asgi_body(scope, receive, limit: int, media=json_media) -> bytes:
+    """The whole request body, refused before it is read when its Content-Type does not pass
+    `media` (415) or its Content-Length is over `limit` (413), and as soon as a streamed one
+    passes the limit. A JSON body must say it is JSON: one without a Content-Type is 415."""
+    length = content_type = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            length = value
+        elif name == b"content-type":
+            content_type = value
+    if content_type is not None and not media(content_type):
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type.decode('latin-1')[:80]!r} is not accepted here; "
+            + ("send JSON as application/json" if media is json_media
+               else "send application/octet-stream or application/json"))
     if length is not None and length.isdigit() and int(length) > limit:
-        raise RequestTooLarge(f"the body is {length} bytes; the limit is {limit}")
+        raise RequestTooLarge(f"the body is {int(length)} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    if body and content_type is None and media is json_media:
+        raise UnsupportedMediaType("the body has no Content-Type; send it as application/json")
+    return body
+
+
+async def read_body(request: Request, limit: int, media=json_media) -> bytes:
+    return await read_asgi_body(request.scope, request.receive, limit, media)
 
 
 # ---------------------------------------------------------------------------- models
@@ -102,8 +146,9 @@ async def get_model(request: Request) -> Response:
 async def predict(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    out = await dp.predict(request.path_params["name"], body,
-                           request.query_params.get("version"), tenant=tenant_of(request.scope))
+    out = await unless_disconnected(dp.predict(
+        request.path_params["name"], body, request.query_params.get("version"),
+        tenant=tenant_of(request.scope)), request.receive)
     request.scope["carousel.model"] = out["model"]
     return json_response(out)
 
@@ -116,8 +161,9 @@ async def predict(request: Request) -> Response:
 async def create_session(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.create_session(body, request.scope,
-                                                 tenant=tenant_of(request.scope)), 201)
+    return json_response(await unless_disconnected(
+        dp.create_session(body, request.scope, tenant=tenant_of(request.scope)),
+        request.receive), 201)
 
 
 @route("POST", "/v1/sessions/{session_id}/step",
@@ -125,9 +171,11 @@ async def create_session(request: Request) -> Response:
 async def step(request: Request) -> Response:
     # Served by app.RequestMiddleware's fast path; this route documents it and answers 405s.
     dp = plane(request)
+    session_id = request.path_params["session_id"]
+    dp.admit(session_id)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.step(request.path_params["session_id"], body, request.scope,
-                                       tenant=tenant_of(request.scope)))
+    return json_response(await unless_disconnected(
+        dp.step(session_id, body, request.scope, tenant=tenant_of(request.scope)), request.receive))
 
 
 @route("POST", "/v1/sessions/{session_id}/generate",
@@ -135,15 +183,17 @@ async def step(request: Request) -> Response:
 async def generate(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     dp = plane(request)
+    dp.admit(session_id)
     body = await read_body(request, dp.settings.max_body_bytes)
-    gen, args = await dp.generate(session_id, body, tenant=tenant_of(request.scope))
+    gen, args = await unless_disconnected(
+        dp.generate(session_id, body, tenant=tenant_of(request.scope)), request.receive)
     request.scope["carousel.model"] = gen.model
     if args["stream"]:
         return EventStream(_sse(gen, args["seed"]), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        await asyncio.shield(gen.done)
-    except asyncio.CancelledError:
+    try:  # a client that leaves cancels the generation (it stops at its next iteration)
+        await unless_disconnected(asyncio.shield(gen.done), request.receive)
+    except BaseException:
         gen.cancel()
         raise
     return json_response(views.generation_body(session_id, gen, args["seed"]))
@@ -189,6 +239,9 @@ async def delete_session(request: Request) -> Response:
        body=ForkRequest, status=201)
 async def fork_session(request: Request) -> Response:
     dp = plane(request)
+    session_id = request.path_params["session_id"]
+    dp.admit(session_id)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.fork(request.path_params["session_id"], body,
-                                       request.scope, tenant=tenant_of(request.scope)), 201)
+    return json_response(await unless_disconnected(
+        dp.fork(session_id, body, request.scope, tenant=tenant_of(request.scope)),
+        request.receive), 201)

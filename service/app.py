@@ -1,9 +1,12 @@
 """`create_app(settings)`: the FastAPI app around the service core.
 
-Here, and only here, errors become JSON responses (`error_response`; the v2 and OpenAI routes
-have their own shapes, `protocol_error_response` picks by path); the request middleware
-authenticates every request first (auth.py), counts requests for /metrics and for
-draining, and refuses new work once SIGTERM arrived.
+Here, and only here, errors become JSON responses (`render_error`: the v1 shape, or the v2 or
+OpenAI shape under their prefixes). The request middleware refuses what origins.py refuses
+(a Host not served, an Origin not allowed), counts requests for /metrics and for draining,
+authenticates every request (auth.py: the tenant goes in the scope; a WebSocket handshake
+is checked before it is accepted), refuses new work once SIGTERM arrived, and serves the hot
+/step itself. CORS is on only when
+`cors_origins` lists origins. The OpenAPI document is openapi.py's, shown at /docs (docs.py).
 """
 
 from __future__ import annotations
@@ -15,23 +18,25 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
-from . import api, openai_api, openai_views, playground, v2, views
+from . import api, docs, openai_api, openai_views, playground, v2, views
+from .api import read_asgi_body
 from .auth import TENANT
+from .disconnect import unless_disconnected
 from .errors import (
     InvalidInput,
     MethodNotAllowed,
     NotFound,
-    RequestTooLarge,
     ServiceError,
     ShuttingDown,
     error_body,
 )
 from .metrics import CONTENT_TYPE
+from .openapi import install_openapi
+from .origins import RequestGuard
 from .registry import Registry
 from .runtime import Service
 from .settings import Settings
@@ -49,25 +54,7 @@ server-sent events, and a WebSocket per session. Errors are
 
 
 ROUTE_OF_ENDPOINT = {r.endpoint: r.path
-                     for r in [*api.ROUTES, *openai_api.ROUTES, *playground.ROUTES]}
-
-
-async def read_asgi_body(scope, receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise RequestTooLarge(f"the body is {int(value)} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidInput("the client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+                     for r in [*api.ROUTES, *openai_api.ROUTES, *playground.ROUTES, *docs.ROUTES]}
 
 
 def error_response(error: ServiceError) -> Response:
@@ -75,13 +62,11 @@ def error_response(error: ServiceError) -> Response:
                     media_type="application/json", headers=error.headers())
 
 
-def protocol_error_response(path: str, error: ServiceError) -> Response:
-    """An error answered before routing (no key, over a limit) in the shape of the protocol
-    the path belongs to."""
-    first = path.split("/", 2)[1] if path.startswith("/") else ""
-    if first == "v2":
+def render_error(path: str, error: ServiceError) -> Response:
+    """An error in the shape of the protocol the path belongs to."""
+    if path.startswith("/v2"):
         return v2.error_response(error)
-    if first == "openai":
+    if path.startswith("/openai/"):
         return openai_views.error_response(error)
     return error_response(error)
 
@@ -107,25 +92,44 @@ async def refuse_handshake(receive, send, scope, error: ServiceError) -> None:
 STEP_PATH = re.compile(r"/v1/sessions/([^/]+)/step")
 STEP_ROUTE = "/v1/sessions/{session_id}/step"
 JSON_HEADER = (b"content-type", b"application/json")
+CLOSE_POLICY_VIOLATION = 1008  # a WebSocket handshake refused by the guard
 
 
 class RequestMiddleware:
-    """Pure ASGI (cheap): authenticates (auth.py: the tenant goes in the scope, a WebSocket
-    handshake is checked before it is accepted), counts in-flight requests, records
-    metrics, refuses /v1 work while draining, and serves the hot route, POST /step, itself.
+    """Pure ASGI (cheap): refuses requests the guard refuses (origins.py: Host, Origin),
+    authenticates (auth.py: the tenant goes in the scope, a WebSocket handshake is checked
+    before it is accepted), counts in-flight requests, records metrics, refuses /v1 work
+    while draining, and serves the hot route, POST /step, itself.
 
     A step is the one request clients send thousands of times a second, and the framework's
     layers (exception middleware, router, request/response objects) cost more than the rest
     of the step. So the step is answered here by the same `DataPlane.step` its route uses, with
     the same errors; the route stays registered for everything else (405, docs)."""
 
-    def __init__(self, app, service: Service) -> None:
+    def __init__(self, app, service: Service, guard: RequestGuard) -> None:
         self.app = app
         self.service = service
+        self.guard = guard
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket" and self.service.auth.enabled:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, receive, send)
+            return
+        host = origin = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        refusal = self.guard.refusal(host, origin)
+        if kind == "websocket":
+            if refusal is not None:  # before the handshake is accepted: an HTTP 403
+                self.service.metrics.observe_request("", "refused", "WS", refusal.status, 0.0)
+                await send({"type": "websocket.close", "code": CLOSE_POLICY_VIOLATION,
+                            "reason": refusal.code})
+                return
+            if self.service.auth.enabled:
                 try:
                     self.service.auth.authenticate(scope)
                 except ServiceError as e:
@@ -134,10 +138,12 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         svc = self.service
-        if svc.draining and scope["path"].startswith("/v1/"):
-            await error_response(ShuttingDown(
-                "the server is shutting down; retry on another instance", retry_after=1,
-            ))(scope, receive, send)
+        if refusal is None and svc.draining and scope["path"].startswith("/v1/"):
+            refusal = ShuttingDown("the server is shutting down; retry on another instance",
+                                   retry_after=1)
+        if refusal is not None:
+            svc.metrics.observe_request("", "refused", scope["method"], refusal.status, 0.0)
+            await render_error(scope["path"], refusal)(scope, receive, send)
             return
         started = time.perf_counter()
         status = 500
@@ -155,7 +161,7 @@ class RequestMiddleware:
                     svc.auth.authenticate(scope)
                 except ServiceError as e:
                     status = e.status
-                    await protocol_error_response(scope["path"], e)(scope, receive, send)
+                    await render_error(scope["path"], e)(scope, receive, send)
                     return
             step = STEP_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
             if step is not None:
@@ -171,9 +177,18 @@ class RequestMiddleware:
 
     async def step(self, scope, receive, send, session_id: str) -> int:
         svc = self.service
+        plane = svc.plane
         try:
-            body = await read_asgi_body(scope, receive, svc.settings.max_body_bytes)
-            answer = await svc.plane.step(session_id, body, scope, tenant=scope.get(TENANT))
+            ahead = plane.admit(session_id)  # 429 before the body is read if it is busy
+            # The body goes straight into the call: nothing here holds it while it waits.
+            step = plane.step(
+                session_id, await read_asgi_body(scope, receive, svc.settings.max_body_bytes),
+                scope, tenant=scope.get(TENANT))
+            # A step that queues behind others on its session is cancelled if its client
+            # leaves meanwhile (disconnect.py). One that does not wait is answered within a
+            # batch or two, and watching it would cost the hot path a task per step
+            # (measured: ~10% more server CPU per step).
+            answer = await (unless_disconnected(step, receive) if ahead else step)
             status, payload, extra = 200, views.dumps(answer), ()
         except ServiceError as e:
             status, payload = e.status, views.dumps(error_body(e))
@@ -195,6 +210,15 @@ class RequestMiddleware:
         return spec if spec is not None else "unmatched"
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route serves at `path` (Starlette's 405 names one route's only)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(path):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def create_app(settings: Settings, *, registry: Registry | None = None,
                store: SessionStore | None = None) -> FastAPI:
     """The app; models load when it starts (its lifespan). `registry` / `store` replace the
@@ -210,8 +234,10 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
             await service.stop()
 
     # FastAPI's native OpenTelemetry checks its providers on every request; /metrics is
-    # this service's telemetry, so it is off.
+    # this service's telemetry, so it is off. Its /docs and /redoc load their files from a
+    # CDN: off too, docs.py serves /docs from this server.
     app = FastAPI(title="carousel", version="1", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.service = service
     # The API's routes go first, the hottest first (routes are matched in order).
@@ -219,41 +245,57 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
     served += [Route(r.path, r.endpoint, methods=[r.method]) for r in api.ROUTES]
     served += v2.ROUTES
     served += openai_api.ROUTES + playground.ROUTES  # /openai/v1/..., the playground page
+    served += docs.ROUTES + health_routes(service)
     app.router.routes[:0] = served
-    app.add_middleware(RequestMiddleware, service=service)
+    guard = RequestGuard(settings.allowed_hosts, settings.cors_origins, settings.host)
+    app.add_middleware(RequestMiddleware, service=service, guard=guard)
+    if settings.cors_origins:  # outermost: its headers go on every answer, the hot /step's too
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "inference-header-content-length"],
+            expose_headers=["retry-after", "inference-header-content-length"], max_age=600)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        return error_response(exc)
+        return render_error(request.url.path, exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
         if exc.status_code == 404:
-            return error_response(NotFound(f"no route {request.method} {request.url.path}"))
+            return render_error(path, NotFound(f"no route {request.method} {path}"))
         if exc.status_code == 405:
-            return error_response(MethodNotAllowed(
-                f"{request.method} is not allowed on {request.url.path}"))
+            allowed = allowed_methods(app, path)
+            response = render_error(path, MethodNotAllowed(
+                f"{request.method} is not allowed on {path}; use {', '.join(allowed)}"))
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
         err = ServiceError(str(exc.detail))
         err.status, err.code = exc.status_code, "http_error"
-        return error_response(err)
+        return render_error(path, err)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error_response(InvalidInput(f"{where}: {first.get('msg')}"))
+        return render_error(request.url.path, InvalidInput(f"{where}: {first.get('msg')}"))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(ServiceError("internal error; the server log has the details"))
+        return render_error(request.url.path,
+                            ServiceError("internal error; the server log has the details"))
 
-    @app.get("/healthz", tags=["health"], summary="The process is alive")
-    async def healthz() -> Response:
+    install_openapi(app)
+    return app
+
+
+def health_routes(service: Service) -> list[Route]:
+    async def healthz(request: Request) -> Response:
         return api.json_response({"status": "ok"})
 
-    @app.get("/readyz", tags=["health"], summary="Models loaded and store reachable")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         ok, state = await service.readiness()
         if ok:
             return api.json_response({"status": "ready", "models": len(service.registry.names())})
@@ -261,61 +303,9 @@ def create_app(settings: Settings, *, registry: Registry | None = None,
             "code": state, "message": f"not ready: {state.replace('_', ' ')}"}}),
             status_code=503, media_type="application/json", headers={"Retry-After": "1"})
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    install_openapi(app)
-    return app
-
-
-def install_openapi(app: FastAPI) -> None:
-    """The API's routes are plain Starlette routes (see api.py); document them from their
-    specs and request models, next to what FastAPI documents itself."""
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, description=app.description,
-                          routes=app.routes)
-        bodies = {r.body for r in api.ROUTES if r.body is not None}
-        _, defs = models_json_schema([(m, "validation") for m in bodies],
-                                     ref_template="#/components/schemas/{model}")
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        schemas.update(defs.get("$defs", {}))
-        schemas["Error"] = ERROR_SCHEMA
-        paths = doc.setdefault("paths", {})
-        for r in sorted(api.ROUTES, key=lambda r: r.path):
-            paths.setdefault(r.path, {})[r.method.lower()] = operation(r)
-        app.openapi_schema = doc
-        return doc
-
-    app.openapi = openapi
-
-
-ERROR_SCHEMA = {
-    "type": "object",
-    "properties": {"error": {"type": "object", "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"}}}},
-}
-
-
-def operation(r: api.RouteSpec) -> dict:
-    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-              for name in re.findall(r"{(\w+)}", r.path)]
-    params += [{"name": name, "in": "query", "required": False, "schema": {"type": "integer"}}
-               for name in r.query]
-    error = {"description": "error", "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}}
-    op = {
-        "tags": [r.tag], "summary": r.summary, "operationId": r.endpoint.__name__,
-        "parameters": params,
-        "responses": {str(r.status): {"description": "success"}, "4XX": error, "503": error},
-    }
-    if r.body is not None:
-        op["requestBody"] = {
-            "required": r.body is not api.ForkRequest,
-            "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}},
-        }
-    return op
+    return [Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"])]

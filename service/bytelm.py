@@ -76,6 +76,11 @@ class ByteLM:
         return last, [(tokens[i, : w.options], logprobs[i, : w.options])
                       for i, w in enumerate(works)]
 
+    @staticmethod
+    def merge(results: list):
+        """A long input ran in chunks: its answer is the last chunk's (the next token)."""
+        return results[-1]
+
     def answer(self, result, row: np.ndarray, position: int, layout) -> Answer:
         tokens, logprobs = result
         return Answer(position, tokens, logprobs, layout.extra(row))

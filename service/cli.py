@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
               "(set --model-repository or CAROUSEL_MODEL_REPOSITORY)", file=sys.stderr)
         return 2
     from .auth import AuthConfigError, is_loopback, refusal
+
+    if (reason := refusal(settings)) is not None:
+        print(f"carousel serve: {reason}", file=sys.stderr)
+        return 2
     from .manifest import ManifestError
     from .registry import read_repository
 
@@ -68,9 +72,6 @@ def run(args: argparse.Namespace) -> int:
         read_repository(settings.model_repository)  # every manifest, before anything binds
     except ManifestError as e:
         print(f"carousel serve: {e}", file=sys.stderr)
-        return 2
-    if (reason := refusal(settings)) is not None:
-        print(f"carousel serve: {reason}", file=sys.stderr)
         return 2
     from .app import create_app  # the heavy imports only once the flags are good
     from .server import run_server

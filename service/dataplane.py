@@ -153,11 +153,20 @@ class DataPlane:
             out.update(views.answer_fields(answer, req.return_logits))
         return out
 
+    def admit(self, session_id: str) -> int:
+        """Refuse at once (429 session_busy) a request that would queue behind too many on
+        its session; transports call it before reading the body, so a refused request costs
+        nothing (the session manager checks again when it takes the session's lock).
+        Returns how many it would wait behind."""
+        self.service.check_accepting()
+        return self.service.sessions.admit(session_id)
+
     async def step(self, session_id: str, body: bytes | str | dict, scope: dict, *,
                    tenant: Tenant | None = None) -> dict:
         """A step from its JSON body (or a WebSocket frame's object) to its answer."""
         self.service.check_accepting()
         req: StepRequest = parse(StepRequest, body)
+        del body  # while it waits for its session, a step holds its tokens, not its body
         tokens = to_tokens(req.text, req.tokens, required=True,
                            limit=self.settings.max_tokens_per_request)
         record, answer = await self.step_tokens(session_id, tokens, req.position, req.top_k,

@@ -7,13 +7,18 @@ routes and the WebSocket both render it with `error_body`. The codes:
 |--------|--------------------|----------------------------------------------------------------|
 | 400    | invalid_json       | the body is not JSON (or not UTF-8)                            |
 | 400    | invalid_v2_request | an Open Inference Protocol (v2) request the codec cannot parse |
+| 400    | invalid_http       | bytes that are not an HTTP/1.1 request (connections.py)        |
+| 400    | host_not_allowed   | the Host header is not in `allowed_hosts` (DNS rebinding)      |
+| 403    | origin_not_allowed | a browser request from an origin not in `cors_origins`         |
 | 401    | unauthorized       | no API key, or not a valid one (has WWW-Authenticate)          |
 | 403    | forbidden          | a valid key without the admin mark, on an admin route          |
 | 404    | not_found          | no such path                                                   |
-| 405    | method_not_allowed | the path exists, the method does not                           |
+| 405    | method_not_allowed | the path exists, the method does not (has Allow)               |
+| 408    | request_timeout    | the headers or the body did not arrive in time (connections.py)|
 | 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
 | 413    | request_too_large  | body over `max_body_bytes`, or more inputs than allowed        |
 | 413    | too_many_tokens    | input over `max_tokens_per_request`                            |
+| 415    | unsupported_media_type | a body that is not `application/json` (v2: not octet-stream) |
 | 422    | invalid_input      | wrong shape or type, value out of range, unknown field         |
 | 422    | empty_input        | empty text / tokens, or generating from a session with no input|
 | 422    | token_out_of_range | a token outside the model's vocabulary                         |
@@ -25,10 +30,14 @@ routes and the WebSocket both render it with `error_body`. The codes:
 |        |                    | Retry-After)                                                   |
 | 429    | tenant_limit       | the tenant holds its most sessions or generations (Retry-After)|
 | 429    | tenant_queue_full  | the tenant holds its share of the model's queue (Retry-After)  |
+| 429    | session_busy       | `max_waiting_per_session` requests already wait on the session |
+| 431    | headers_too_large  | request headers over `max_header_bytes` or `max_headers`       |
+| 499    | client_disconnected| the client left before its answer (logged and counted only)   |
 | 503    | at_capacity        | the session cap is reached (has Retry-After)                   |
 | 503    | queue_full         | the model's work queue is full (has Retry-After)               |
 | 503    | not_ready          | models are still loading or the store is unreachable           |
 | 503    | shutting_down      | the server is draining after SIGTERM                           |
+| 503    | too_many_connections | `max_connections` are open (has Retry-After)                 |
 | 500    | inference_failed   | onnxruntime failed on a batch (never caused by input)          |
 | 500    | internal_error     | a bug; the message says no more                                |
 """
@@ -105,6 +114,43 @@ class NotFound(ServiceError):
 
 class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
+
+
+class InvalidHttp(ServiceError):
+    status, code = 400, "invalid_http"
+
+
+class HostNotAllowed(ServiceError):
+    status, code = 400, "host_not_allowed"
+
+
+class OriginNotAllowed(ServiceError):
+    status, code = 403, "origin_not_allowed"
+
+
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class SessionBusy(ServiceError):
+    """429: too many requests already wait on one session; they run one at a time."""
+
+    status, code = 429, "session_busy"
+
+
+class HeadersTooLarge(ServiceError):
+    status, code = 431, "headers_too_large"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer: the work was abandoned. Nobody reads this
+    error; it is counted (nginx's 499) and ends the request without a traceback."""
+
+    status, code = 499, "client_disconnected"
 
 
 class InvalidInput(ServiceError):
@@ -191,6 +237,10 @@ class NotReady(Unavailable):
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
+
+
+class TooManyConnections(Unavailable):
+    code = "too_many_connections"
 
 
 class InferenceFailed(ServiceError):

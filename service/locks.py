@@ -2,6 +2,9 @@
 
 Steps of one session run one at a time in arrival order (asyncio.Lock wakes waiters first
 come, first served). Idle sessions hold no lock object, so they cost no memory here.
+`users(key)` counts the holder and the waiters, so a caller can bound the waiting: each
+waiter is a request held in memory, and without a bound a client could park any number of
+them on one session (sessions.py refuses past `max_waiting`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class KeyedLocks:
         except BaseException:  # cancelled while waiting: leave no trace
             self._drop(key, entry)
             raise
+
+    def users(self, key: str) -> int:
+        """The holder and the waiters of `key`'s lock (0: free)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.users
 
     def release(self, key: str) -> None:
         entry = self._entries[key]

@@ -31,6 +31,11 @@ INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The method label's values: any other token a client sends counts as "other", so no client
+# can add label values (each one a new series in every scrape, kept forever).
+METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS", "WS"})
+# Why connections.py refuses a connection (the error codes it answers with).
+REFUSALS = ("headers_too_large", "request_timeout", "too_many_connections", "invalid_http")
 
 
 class Metrics:
@@ -78,10 +83,20 @@ class Metrics:
         self.generations = Gauge(
             "carousel_generations_active", "Generations running", ["model", "version"],
             registry=r)
+        self.connections_refused = Counter(
+            "carousel_connections_refused_total", "Connections answered with an error and "
+            "closed before their request reached the API (connections.py), by error code",
+            ["reason"], registry=r)
+        for reason in REFUSALS:  # known up front: every series exists from the start
+            self.connections_refused.labels(reason)
+        self.connections_open = Gauge(
+            "carousel_connections_open", "Open HTTP and WebSocket connections", registry=r)
         self._http: dict[tuple, tuple] = {}
 
     def observe_request(self, model: str, route: str, method: str, status: int,
                         seconds: float) -> None:
+        if method not in METHODS:
+            method = "other"
         key = (model, route, method, status)
         children = self._http.get(key)
         if children is None:
@@ -91,6 +106,13 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
+
+    def watch_connections(self, connections) -> None:
+        """Open connections, read at scrape time (uvicorn's set of them)."""
+        self.connections_open.set_function(lambda: len(connections))
 
     def register_model(self, model: str, version: int) -> None:
         """Start every per-model series at zero, so dashboards and alerts see them before the

@@ -40,6 +40,7 @@ from starlette.routing import Route
 from . import openai_views as out
 from .api import EventStream, json_response, read_body, service
 from .auth import Tenant, tenant_of
+from .disconnect import unless_disconnected
 from .errors import (
     EmptyInput,
     InferenceFailed,
@@ -235,9 +236,9 @@ async def completions(request: Request) -> Response:
             run, _chunks(run, gen, trimmer, meta, len(prompt), include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        await asyncio.shield(gen.done)
-    except asyncio.CancelledError:
+    try:  # a client that leaves cancels the generation (it stops at its next iteration)
+        await unless_disconnected(asyncio.shield(gen.done), request.receive)
+    except BaseException:
         gen.cancel()
         raise
     finally:
@@ -265,14 +266,17 @@ async def _chunks(run: Run, gen: Generation, trimmer: out.StopTrimmer, meta: tup
                 continue
             if end.finish_reason == "cancelled":
                 return  # the client is gone
-            error = failure(end.finish_reason)
+            # A stream the server ends at shutdown still ends as streams do (its last chunk
+            # says why, then [DONE]), so the client keeps what it was sent.
+            reason = "shutdown" if end.finish_reason == "shutdown" else None
+            error = None if reason else failure(end.finish_reason)
             if error is not None:
                 yield out.stream_error(error)
                 return
             text += trimmer.finish(end.finish_reason)
             await run.close()  # before the last chunk: the client never sees a leftover session
             yield out.chunk(out.completion(
-                *meta, [out.choice(text, FINISH_REASONS[end.finish_reason])],
+                *meta, [out.choice(text, reason or FINISH_REASONS[end.finish_reason])],
                 extension=run.extension()))
             if include_usage:
                 yield out.chunk(out.completion(

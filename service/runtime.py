@@ -22,6 +22,8 @@ from .v2plane import V2Plane
 
 log = logging.getLogger("carousel.service")
 
+FINAL_ANSWERS_S = 5.0  # after the grace period, how long ended streams get to send their end
+
 
 class Service:
     def __init__(self, settings: Settings, *, registry: Registry | None = None,
@@ -60,7 +62,8 @@ class Service:
         self.sessions = SessionManager(
             self.registry, self.store, session_ttl_s=s.session_ttl_s,
             max_session_ttl_s=s.max_session_ttl_s, max_sessions=s.max_sessions,
-            sweep_interval_s=s.sweep_interval_s, hooks=self.metrics.session_hooks())
+            sweep_interval_s=s.sweep_interval_s, max_waiting=s.max_waiting_per_session,
+            hooks=self.metrics.session_hooks())
         self._sweeper = asyncio.get_running_loop().create_task(self.sessions.run_sweeper())
         self.ready = True
         names = ", ".join(f"{mv.name}/{mv.version}" for mv in self.registry.versions())
@@ -98,7 +101,18 @@ class Service:
         while self.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.busy:
-            log.warning("grace period over with %d still in flight; stopping them", self.busy)
+            log.warning("grace period over with %d still in flight; ending them", self.busy)
+            await self.end_work()
+
+    async def end_work(self) -> None:
+        """End what still runs: generations finish with 'shutdown' (their consumers send
+        the stream's final event), queued work fails with ShuttingDown; then wait a moment
+        for those answers to be written."""
+        if self.registry is not None:
+            await self.registry.close()
+        deadline = time.monotonic() + FINAL_ANSWERS_S
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         self.ready = False

@@ -89,6 +89,7 @@ class Work:
     tenant: str | None = None  # whose work it is (its fair share); None: no tenants
     enqueued_at: float = field(default_factory=time.perf_counter)
     consumed: int = 0  # steps already run (long inputs run in chunks)
+    partials: list = field(default_factory=list)  # results of the chunks run so far
 
 
 @dataclass(slots=True)
@@ -105,6 +106,9 @@ class Adapter(Protocol):
     def finish(self, outputs: dict[str, np.ndarray], lengths: np.ndarray,
                works: list[Work]) -> tuple[np.ndarray | None, list]:
         """The rows' extras (B, extra_size) or None, and each work's result."""
+
+    def merge(self, results: list) -> object:
+        """One work's result from the results of the chunks it ran in, in order."""
 
 
 class SchedulerHooks:
@@ -332,8 +336,10 @@ class Scheduler:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
-            started = self._start_streams(loop)
-            if not self._start_batch(loop) and not started:
+            # Work first: with one thread, a decode run started first would take the thread
+            # again every time it gave it back, and queued work would wait for the streams.
+            started = self._start_batch(loop)
+            if not self._start_streams(loop) and not started:
                 await self._sleep(loop)  # until new work, a batch ends, or the fill deadline
 
     def _start_streams(self, loop: asyncio.AbstractEventLoop) -> bool:
@@ -541,10 +547,13 @@ class Scheduler:
             w.consumed += n
             if w.consumed < w.length:  # a long input: its next chunk goes first next time
                 w.row = row
+                w.partials.append(result)
                 unfinished.append(w)
                 if w.key is None:  # back in the queue: counted again (see _batch_limit)
                     self._stateless += 1
             elif not w.future.done():
+                if w.partials:
+                    result = self.adapter.merge([*w.partials, result])
                 w.future.set_result(WorkResult(row, result))
         for w in reversed(unfinished):  # each at the front of its tenant's queue
             queue = self._queues.get(w.tenant)

@@ -6,17 +6,24 @@ signal (status -15), not with 0. This server instead, on the first SIGTERM or SI
 1. marks the service draining: /readyz turns 503 and new /v1 work gets 503 shutting_down,
    while the listener stays open so clients and load balancers see that;
 2. waits until in-flight requests, streams and generations finish, up to the grace period;
-3. lets uvicorn shut down (closing idle connections and sockets), and returns normally.
+3. if some are still running then, ends them: every generation stops with finish reason
+   `shutdown`, so its client gets the stream's final event (SSE `event: end`, the WebSocket
+   end frame, the OpenAI stream's last chunk and `[DONE]`) instead of a cut connection, and
+   queued work is answered 503 shutting_down; the answers are given a moment to go out;
+4. lets uvicorn shut down (closing idle connections and sockets), and returns normally.
 A second signal stops at once.
 
 SIGHUP re-reads the API keys file (auth.py): new keys work and revoked ones stop at once,
 sessions stay as they are, and a file that does not parse keeps the keys in force. (Left
 alone, SIGHUP would end the process: uvicorn handles only SIGINT and SIGTERM.)
+Connections are served by connections.GuardedHttpToolsProtocol: uvicorn's httptools
+protocol with limits on headers, timeouts and the number of connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -24,6 +31,8 @@ import sys
 
 import uvicorn
 
+from .auth import KeyRedactor
+from .connections import ConnectionLimits, GuardedHttpToolsProtocol
 from .runtime import Service
 
 log = logging.getLogger("carousel.service")
@@ -92,12 +101,16 @@ def run_server(app, settings) -> int:
     # The inference thread needs the GIL back after every onnxruntime call; while the event
     # loop runs Python it only gets it when the loop's switch interval runs out.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+    protocol = functools.partial(GuardedHttpToolsProtocol, limits=ConnectionLimits.of(settings),
+                                 refused=service.metrics.connection_refused)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol,
+        backlog=settings.backlog,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         lifespan="on",
         log_level=settings.log_level,
         access_log=settings.access_log,
@@ -108,6 +121,13 @@ def run_server(app, settings) -> int:
     )
     if service.auth.enabled:
         logging.getLogger("uvicorn.error").addFilter(_DeniedHandshakeNoise())
+        # On the handlers (uvicorn's Config has just made its own), so every record that
+        # is written, whichever logger it came from, passes the redactor.
+        redactor = KeyRedactor()
+        for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(redactor)
     server = DrainingServer(config, service, settings.shutdown_grace_s)
+    service.metrics.watch_connections(server.server_state.connections)
     server.run()
     return 0 if server.started else 3

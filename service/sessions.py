@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .decode import Stream
-from .errors import AtCapacity, InvalidInput, PositionMismatch, TenantLimit, UnknownSession
+from .errors import (
+    AtCapacity,
+    InvalidInput,
+    PositionMismatch,
+    SessionBusy,
+    TenantLimit,
+    UnknownSession,
+)
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import SessionRecord, SessionStore
@@ -85,13 +92,14 @@ def owner_of(tenant: Tenant | None) -> str | None:
 class SessionManager:
     def __init__(self, registry: Registry, store: SessionStore, *, session_ttl_s: float,
                  max_session_ttl_s: float, max_sessions: int, sweep_interval_s: float = 10.0,
-                 hooks: SessionHooks | None = None) -> None:
+                 max_waiting: int | None = None, hooks: SessionHooks | None = None) -> None:
         self.registry = registry
         self.store = store
         self.session_ttl_s = session_ttl_s
         self.max_session_ttl_s = max_session_ttl_s
         self.max_sessions = max_sessions
         self.sweep_interval_s = sweep_interval_s
+        self.max_waiting = max_waiting  # requests waiting on one session's lock (None: any)
         self.hooks = hooks or SessionHooks()
         self._locks = KeyedLocks()
         self._zero_rows: dict[ModelVersion, np.ndarray] = {}
@@ -169,7 +177,7 @@ class SessionManager:
                    tenant: Tenant | None = None) -> SessionRecord:
         """A copy of the caller's session, owned by the caller."""
         owner = owner_of(tenant)
-        await self._locks.acquire(session_id)  # the copy sees no half-applied step
+        await self._acquire(session_id)  # the copy sees no half-applied step
         try:
             src = await self.get(session_id, tenant)
             ttl = src.ttl_s if ttl_s is None else self._ttl(ttl_s)
@@ -200,7 +208,7 @@ class SessionManager:
         is there; if this exact step (same position, same digest) was the last one applied,
         answer it again: `replay(mv, record, step)` recomputes its result, else the record's
         kept copy is returned."""
-        await self._locks.acquire(session_id)
+        await self._acquire(session_id)
         try:
             record = await self.get(session_id, tenant)
             mv = self.registry.get(record.model, record.version)
@@ -212,6 +220,9 @@ class SessionManager:
                     return record, Outcome(record.row, record.position, result, True)
                 raise PositionMismatch(position, record.position)
             result = await self._run(mv, tenant, session_id, step, record.row)
+            # Applied: from here on nothing may be left half done, so the record is updated
+            # before anything is awaited (a client that leaves now is too late to cancel it;
+            # its retry is answered from the record).
             record.row = result.row
             record.last_start, record.last_digest = record.position, step.digest
             record.last_result = self._kept(mv, result.result)
@@ -252,7 +263,7 @@ class SessionManager:
         `budget` is the most tokens the stream may produce: taken from the tenant's bucket
         now, the unused part given back when it ends."""
         owner = owner_of(tenant)
-        await self._locks.acquire(session_id)
+        await self._acquire(session_id)
         running = taken = 0
         try:
             record = await self.get(session_id, tenant)
@@ -278,15 +289,22 @@ class SessionManager:
 
     async def _write_back(self, record: SessionRecord, stream, tenant: Tenant | None,
                           taken: int, running: int) -> None:
+        """Wait for the stream to end and keep what it fed. Meanwhile the session is in use:
+        it is touched every half TTL, so neither a read nor the sweeper finds it expired
+        however long the stream runs, and its idle time starts again when the stream ends."""
         start = record.position
         try:
-            await asyncio.shield(stream.done)
+            while not stream.done.done():
+                await asyncio.wait([stream.done], timeout=record.ttl_s / 2)
+                if not stream.done.done():
+                    record.last_used_at = time.time()
+                    await self.store.put(record)  # a session deleted meanwhile stays deleted
             if stream.row is not record.row:
                 record.row = stream.row
                 record.position = stream.position
                 record.last_start, record.last_digest, record.last_result = -1, None, None
-                record.last_used_at = time.time()
-                await self.store.put(record)  # a session deleted meanwhile stays deleted
+            record.last_used_at = time.time()
+            await self.store.put(record)
         finally:
             self._locks.release(record.session_id)
             if running:
@@ -322,6 +340,21 @@ class SessionManager:
 
     # ------------------------------------------------------------------ helpers
 
+    def admit(self, session_id: str) -> int:
+        """How many requests a new one on this session would wait behind; SessionBusy if
+        that is more than `max_waiting`: refused at once, holding nothing (transports call
+        this before reading a body; acquiring checks again)."""
+        ahead = self._locks.users(session_id)
+        if self.max_waiting is not None and ahead > self.max_waiting:
+            raise SessionBusy(
+                f"{self.max_waiting} requests already wait on this session, which runs them "
+                "one at a time; retry when they have been answered", retry_after=1)
+        return ahead
+
+    async def _acquire(self, session_id: str) -> None:
+        self.admit(session_id)  # no await in between: the count cannot change meanwhile
+        await self._locks.acquire(session_id)
+
     def _ttl(self, ttl_s: float | None) -> float:
         if ttl_s is None:
             return self.session_ttl_s
@@ -332,13 +365,13 @@ class SessionManager:
     async def _check_capacity(self, tenant: Tenant | None = None) -> None:
         """Raise unless one more session fits: the server's cap, then the tenant's."""
         limit = tenant.limits.max_sessions if tenant is not None else 0
-        held = self._held.get(tenant.name, 0) if tenant is not None else 0
         count = await self.store.count()
+        held = self._held.get(tenant.name, 0) if limit else 0  # read after the await
         full = count + self._creating > self.max_sessions or (limit and held >= limit)
         if full and time.monotonic() - self._last_sweep > 1:
             await self.sweep()  # expired sessions may still be counted: reclaim them first
             count = await self.store.count()
-            held = self._held.get(tenant.name, 0) if tenant is not None else 0
+            held = self._held.get(tenant.name, 0) if limit else 0
         if count + self._creating > self.max_sessions:
             raise AtCapacity(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete unused "

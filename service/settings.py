@@ -8,10 +8,10 @@ description is the help text of its `carousel serve` flag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from carousel.paths import bundled_model_repository
 
@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         4096, ge=1, description="largest max_tokens of one generation"
     )
     max_predict_inputs: int = Field(256, ge=1, description="most inputs in one predict batch")
+    max_waiting_per_session: int = Field(
+        8, ge=0, le=10_000,
+        description="requests that may wait for one session's earlier requests to finish "
+        "(they run one at a time); more are answered 429 session_busy at once",
+    )
     prefill_chunk_tokens: int = Field(
         256, ge=1,
         description="long inputs run in chunks of this many tokens, so decode steps of other "
@@ -86,6 +91,46 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish (s)"
+    )
+    max_connections: int = Field(
+        1024, ge=1,
+        description="open connections (HTTP and WebSocket) before a new one is answered 503 "
+        "too_many_connections and closed",
+    )
+    backlog: int = Field(
+        2048, ge=1, description="connections the kernel queues before carousel accepts them"
+    )
+    max_header_bytes: int = Field(
+        16384, ge=1024, le=1_048_576,
+        description="largest request line and headers, in bytes (431 headers_too_large beyond)",
+    )
+    max_headers: int = Field(
+        100, ge=8, le=10_000, description="most request headers (431 headers_too_large beyond)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="a request's line and headers must arrive within this long of its first "
+        "byte (408 request_timeout and close: slowloris)",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0,
+        description="a request's body must arrive within this long of its headers (408)",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0,
+        description="a connection with no request in progress is closed after this long "
+        "(a new one that sends nothing too)",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Host header names served, comma-separated ('*' any, '*.example.com' its "
+        "subdomains); empty: localhost, 127.0.0.1 and ::1 when listening on a loopback "
+        "address, any host otherwise",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="origins whose browser pages may call the API, comma-separated "
+        "('*' any); empty: CORS off, and only same-origin pages may call it",
     )
     store_url: str = Field("memory://", description="session store (memory:// in this release)")
     log_level: str = Field("info", description="log level: debug, info, warning, error")
@@ -129,6 +174,12 @@ class Settings(BaseSettings):
         "its keys file entry says otherwise",
     )
 
+    @field_validator("api_keys", "api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # CAROUSEL_API_KEYS_FILE= in a .env or compose file means none, not the folder "."
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -136,6 +187,22 @@ class Settings(BaseSettings):
         if value not in {"critical", "error", "warning", "info", "debug", "trace"}:
             raise ValueError("log_level must be one of debug, info, warning, error, critical")
         return value
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        return [v.strip() for v in value if v.strip()]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin "
+                                 "(scheme://host[:port]) or '*'")
+        return [o.rstrip("/") for o in value]
 
     @field_validator("store_url")
     @classmethod

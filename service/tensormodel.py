@@ -87,3 +87,13 @@ class TensorModel:
             results.append(row)
         return None, results
 
+
+    def merge(self, results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """A long input ran in chunks (a graph with a lengths input): outputs along the
+        sequence axis are joined in order; any other output is the last chunk's."""
+        merged = {}
+        for spec in self.outputs:
+            parts = [r[spec.name] for r in results]
+            axis = spec.row_seq_axis
+            merged[spec.name] = parts[-1] if axis is None else np.concatenate(parts, axis=axis)
+        return merged

@@ -1,11 +1,13 @@
 """HTTP routes of the Open Inference Protocol (KServe v2), as stock Triton clients speak it.
 
-Thin: read the raw body (whatever its Content-Type: tritonclient sends none, or
-application/octet-stream with binary tensors), decode it with v2codec, call the v2 data
+Thin: read the raw body (tritonclient sends no Content-Type, or application/octet-stream with
+binary tensors; JSON clients application/json; the types a web form posts are refused, 415),
+decode it with v2codec, call the v2 data
 plane (v2plane.py), encode the answer. Errors are the protocol's `{"error": "<message>"}`:
 404 for an unknown model or version, 413 for a body over the limit, 503 (with Retry-After)
 while the server cannot take work, 401 (with WWW-Authenticate) without a valid API key, 429
-(with Retry-After) over a tenant's limits, 400 for anything else a client can send.
+(with Retry-After) over a tenant's limits or a busy session, and the service's own status
+where the protocol has none to say (403 origin, 415 media type); 400 for anything else.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from starlette.routing import Route
 
 from carousel import __version__
 
-from .api import read_body
+from .api import raw_media, read_body
 from .auth import tenant_of
+from .disconnect import unless_disconnected
 from .errors import ServiceError
 from .v2codec import encode_error, parse_header_length, parse_infer_request
 
@@ -36,7 +39,7 @@ def _json(obj, status: int = 200) -> Response:
 
 def error_response(error: ServiceError) -> Response:
     """The protocol's error shape, with the status Triton gives the same mistake."""
-    kept = (401, 403, 404, 413, 429, 503)
+    kept = (401, 403, 404, 413, 415, 429, 503)
     status = error.status if error.status in kept or error.status >= 500 else 400
     return Response(encode_error(error.message), status_code=status, media_type=JSON,
                     headers=error.headers())
@@ -81,12 +84,13 @@ async def model_ready(request: Request) -> Response:
 async def infer(request: Request) -> Response:
     p = request.path_params
     svc = request.app.state.service
-    body = await read_body(request, svc.settings.max_body_bytes)
+    body = await read_body(request, svc.settings.max_body_bytes, raw_media)
     header = parse_header_length(request.headers.get("inference-header-content-length"))
     parsed = parse_infer_request(body, header)
-    request.scope["carousel.model"] = p["name"]
-    payload, headers = await _plane(request).infer(p["name"], p.get("version"), parsed,
-                                                   tenant=tenant_of(request.scope))
+    payload, headers = await unless_disconnected(
+        _plane(request).infer(p["name"], p.get("version"), parsed,
+                              tenant=tenant_of(request.scope)), request.receive)
+    request.scope["carousel.model"] = p["name"]  # a model that exists: labels stay bounded
     content_type = headers.pop("Content-Type", headers.pop("content-type", JSON))
     return Response(payload, media_type=content_type, headers=headers)
 

@@ -13,8 +13,10 @@ could not be read:
     CarouselError
     ├── ApiError                  the server answered with an error
     │   ├── InvalidRequest          400, 413, 422: the request itself is wrong
+    │   ├── Unauthorized            401: no API key or a wrong one; 403: not an admin key
     │   ├── NotFound                404 (UnknownSession, UnknownModel below it)
     │   ├── PositionMismatch        409: the session is not where the step says (.position)
+    │   ├── RateLimited             429: over the tenant's rate or its caps (has Retry-After)
     │   ├── Unavailable             503: come back later (retried when it has Retry-After)
     │   ├── ServerError             500
     │   └── NotSupported            the server has no such feature (yet)
@@ -68,6 +70,20 @@ class InvalidRequest(ApiError):
     code = "invalid_input"
 
 
+class Unauthorized(ApiError):
+    """The server needs an API key (`Client(api_key=...)`), or the key is not valid (401);
+    or the route needs an admin key (403)."""
+
+    code = "unauthorized"
+
+
+class RateLimited(ApiError):
+    """The key's tenant is over its requests/s or tokens/s, or holds its most sessions or
+    generations (`tenant_limit`); `retry_after` says when to try again."""
+
+    code = "rate_limited"
+
+
 class NotFound(ApiError):
     code = "not_found"
 
@@ -112,8 +128,9 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "position_mismatch": PositionMismatch,
 }
 _BY_STATUS: dict[int, type[ApiError]] = {
-    400: InvalidRequest, 413: InvalidRequest, 422: InvalidRequest,
-    404: NotFound, 405: NotFound, 409: ApiError, 500: ServerError, 503: Unavailable,
+    400: InvalidRequest, 413: InvalidRequest, 422: InvalidRequest, 401: Unauthorized,
+    403: Unauthorized, 404: NotFound, 405: NotFound, 409: ApiError, 429: RateLimited,
+    500: ServerError, 503: Unavailable,
 }
 
 # The status of each code the server documents: WebSocket error frames carry the code only.
@@ -123,6 +140,7 @@ STATUS_OF_CODE = {
     "token_out_of_range": 422, "unknown_model": 404, "unknown_version": 404,
     "unknown_session": 404, "at_capacity": 503, "queue_full": 503, "not_ready": 503,
     "shutting_down": 503, "inference_failed": 500, "internal_error": 500,
+    "unauthorized": 401, "forbidden": 403, "rate_limited": 429, "tenant_limit": 429,
 }
 
 

@@ -202,10 +202,12 @@ class WsSettings:
 
     def closed_error(self, e: ConnectionClosed | OSError, *, sent: bool) -> CarouselError:
         """The error a closed socket means. The server closes with the error's code as the
-        reason when it refuses the socket itself (4404 unknown_session, 1012 shutting_down),
-        right after an error frame that may not have been read."""
+        reason when it refuses the socket itself (4404 unknown_session, 1012 shutting_down,
+        4401 unauthorized: its key was revoked), right after an error frame that may not have
+        been read."""
         close = getattr(e, "rcvd", None)
-        if close is not None and close.code in (4404, 1012) and close.reason in STATUS_OF_CODE:
+        if close is not None and close.code in (4404, 4401, 1012) \
+                and close.reason in STATUS_OF_CODE:
             return ApiError.of(close.reason, f"the server closed the WebSocket: {close.reason}",
                                STATUS_OF_CODE[close.reason])
         when = "the answer" if sent else "the frame went"

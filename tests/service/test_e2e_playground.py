@@ -2,10 +2,11 @@
 .ci/run with apt-get; never a downloaded browser) against a real `carousel serve`.
 
 Every browser test fails on any console error (a CSP violation, a missing favicon, a script
-error), any uncaught page error, and any failed or 4xx/5xx request. What the page shows is
-checked against independent sources: the text it streamed against carousel's own
-/generate with the same seed, the bar chart against PyTorch's probabilities, the session's
-position and forks against the v1 API.
+error), any uncaught page error, and any failed or 4xx/5xx request (but for the 401s a
+server with API keys answers before the key is typed in, which the last test expects).
+What the page shows is checked against independent sources: the text it streamed against
+carousel's own /generate with the same seed, the bar chart against PyTorch's
+probabilities, the session's position and forks against the v1 API.
 
 The README's screenshot is taken by `test_screenshot_of_a_generation`; it is written to
 docs/playground.png only when CAROUSEL_UPDATE_SCREENSHOT=1 (otherwise to the test's
@@ -17,8 +18,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from carousel.model.model import encode
@@ -285,3 +288,54 @@ def test_screenshot_of_a_generation(open_page, bundled_server, tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
+
+
+# --------------------------------------------------------------------------- with API keys
+
+
+@pytest.fixture(scope="module")
+def keyed_server(start_server, tiny_repo, check):
+    """A server that needs keys, with two tenants: the page's user and someone else."""
+    keys = {"web": secrets.token_urlsafe(24), "other": secrets.token_urlsafe(24)}
+    server = start_server("playground-keys", {
+        "CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]), **check.LIMITS,
+        "CAROUSEL_API_KEYS": ",".join(f"{name}:{key}" for name, key in keys.items())})
+    return server, keys
+
+
+def test_on_a_server_with_keys_the_page_asks_for_one_then_works_as_its_tenant(browser,
+                                                                             keyed_server):
+    server, keys = keyed_server
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    refused, problems = [], []
+    page.on("response", lambda r: r.status >= 400 and (
+        refused if r.status == 401 else problems).append(f"{r.status} {r.url}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: m.type == "error" and "401" not in m.text and problems.append(
+        f"console error: {m.text}"))
+    try:
+        page.goto(server.url + "/")  # the page itself needs no key
+        status = page.get_by_role("status")
+        status.filter(has_text="enter it above").wait_for(timeout=60_000)
+        assert refused and all("/v1/models" in r for r in refused), refused
+        assert page.evaluate("document.activeElement.id") == "api-key"  # where to type it
+
+        page.get_by_label("API key", exact=True).fill(keys["web"])
+        page.keyboard.press("Tab")  # a change of key reloads the models with it
+        status.filter(has_text="Ready").wait_for(timeout=60_000)
+        page.get_by_label("Text to send", exact=True).fill("hello")
+        page.get_by_role("button", name="Step", exact=True).click()
+        status.filter(has_text="Stepped").wait_for(timeout=60_000)
+        sid = page.locator("#session-id").text_content().split(" · ")[-1]
+        assert not problems, problems
+    finally:
+        context.close()
+
+    def get(key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{server.url}/v1/sessions/{sid}", headers=headers,
+                         trust_env=False).status_code
+
+    # the page's session is its key's tenant's, and no one else's
+    assert (get(keys["web"]), get(keys["other"]), get(None)) == (200, 404, 401)

@@ -170,3 +170,41 @@ def test_the_readme_example_runs(bundled_server):
             answer = http.post(f"/v1/sessions/{sid}/step", json={"text": chunk, "top_k": 1})
             expected.append(repr(bytes([answer.json()["top_k"][0]["token"]])))
     assert done.stdout.splitlines() == expected
+
+
+def test_raw_bodies_whatever_their_content_type(server, tiny):
+    """The body is read raw: no Content-Type, application/json or application/octet-stream
+    all work; malformed bodies are the protocol's 400 `{"error": ...}` (413 past the limit)."""
+    import httpx
+
+    tokens = np.array([list(b"raw")], dtype=np.int64)
+    header = (b'{"inputs":[{"name":"tokens","datatype":"INT64","shape":[1,3],'
+              b'"parameters":{"binary_data_size":24}}],'
+              b'"outputs":[{"name":"logits","parameters":{"binary_data":true}}]}')
+    body = header + tokens.tobytes()
+    expected = tiny[("tinylstm", 2)].last(list(b"raw"))
+    with httpx.Client(base_url=server.url, trust_env=False) as http:
+        for content_type in (None, "application/json", "application/octet-stream"):
+            headers = {"Inference-Header-Content-Length": str(len(header))}
+            if content_type:
+                headers["Content-Type"] = content_type
+            r = http.post("/v2/models/tinylstm/infer", content=body, headers=headers)
+            assert r.status_code == 200, r.text
+            json_len = int(r.headers["inference-header-content-length"])
+            got = np.frombuffer(r.content[json_len:], dtype=np.float32)
+            np.testing.assert_allclose(got, expected, atol=TOL)
+        bad = [
+            ({"Inference-Header-Content-Length": str(len(body) + 1)}, body, 400),
+            ({"Inference-Header-Content-Length": "12x"}, body, 400),
+            ({"Inference-Header-Content-Length": str(len(header))}, body[:-1], 400),
+            ({}, b"\xff\xfe", 400),
+            ({}, b"[]", 400),
+            ({}, b"x" * 70_000, 413),  # the tiny server's body limit is 65536
+        ]
+        for headers, payload, status in bad:
+            r = http.post("/v2/models/tinylstm/infer", content=payload, headers=headers)
+            assert r.status_code == status, (headers, r.text)
+            assert isinstance(r.json()["error"], str) and r.json()["error"]
+        r = http.post("/v2/models/nosuch/infer", content=body,
+                      headers={"Inference-Header-Content-Length": str(len(header))})
+        assert r.status_code == 404 and "nosuch" in r.json()["error"]

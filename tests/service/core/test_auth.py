@@ -27,6 +27,13 @@ BOB = "bob-key-0123456789abcdefgh"
 OPS = "ops-key-0123456789abcdefghij"
 
 
+@pytest.fixture(autouse=True)
+def _no_carousel_environment(monkeypatch):
+    """Settings() reads CAROUSEL_* variables: these tests name every setting they use."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"CAROUSEL_{name.upper()}", raising=False)
+
+
 def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -134,6 +141,12 @@ def test_a_keys_file_that_cannot_be_used_is_refused_with_what_is_wrong(tmp_path,
         parse_keys_file(keys_file(tmp_path, text))
 
 
+def test_a_key_in_the_environment_and_the_file_belongs_to_one_tenant(tmp_path):
+    with pytest.raises(AuthConfigError, match="also tenant 'bob'"):
+        authenticator(tmp_path, api_keys=f"bob:{ALICE}")
+    assert authenticator(tmp_path, api_keys=f"alice:{ALICE}").ring.tenants["alice"]
+
+
 def test_a_missing_keys_file_stops_the_service_from_starting(tmp_path):
     with pytest.raises(AuthConfigError, match="cannot read it"):
         Authenticator(Settings(api_keys_file=tmp_path / "nope.toml"))
@@ -156,6 +169,7 @@ def test_no_keys_means_no_authentication():
     assert not a.enabled
     assert a.authenticate(scope()) is None and a.current(scope()) is None
     assert not Authenticator(Settings(api_keys=" ")).enabled
+    assert not Authenticator(Settings(api_keys="", api_keys_file="")).enabled  # empty: unset
 
 
 def test_settings_never_show_the_development_keys():
@@ -385,3 +399,18 @@ def test_keys_or_the_explicit_opt_out_allow_any_address(tmp_path):
     assert refusal(Settings(host="0.0.0.0", api_keys_file=tmp_path / "k.toml")) is None
     assert refusal(Settings(host="0.0.0.0", allow_unauthenticated=True)) is None
     assert refusal(Settings(host="0.0.0.0", api_keys="  ")) is not None
+
+
+@pytest.mark.parametrize("message, args, kept", [
+    ("< %s: %s", ("Authorization", f"Bearer {ALICE}"), "< Authorization: [redacted]"),
+    ("< %s: %s", ("x-api-key", ALICE), "< x-api-key: [redacted]"),
+    ("< %s: %s", ("Sec-WebSocket-Protocol", f"carousel, carousel.key.{ALICE}"),
+     "< Sec-WebSocket-Protocol: carousel, carousel.key.[redacted]"),
+    ("< GET %s HTTP/1.1", (f"/v1/sessions/s/ws?x=1&api_key={ALICE}&y=2",),
+     "< GET /v1/sessions/s/ws?x=1&api_key=[redacted]&y=2 HTTP/1.1"),
+    ('%s - "GET %s" %d', ("127.0.0.1:5", "/v1/models", 200), '127.0.0.1:5 - "GET /v1/models" 200'),
+])
+def test_the_log_redactor_removes_keys_from_any_record(message, args, kept):
+    record = logging.LogRecord("uvicorn.error", logging.DEBUG, __file__, 1, message, args, None)
+    assert auth.KeyRedactor().filter(record) is True
+    assert record.getMessage() == kept and ALICE not in record.getMessage()

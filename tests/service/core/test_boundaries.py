@@ -6,8 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["engine", "scheduler", "sessions", "store", "state", "sampling", "generation",
-        "registry", "manifest", "locks", "text", "errors", "settings", "metrics", "runtime"]
+CORE = ["engine", "scheduler", "decode", "sessions", "store", "state", "sampling",
+        "generation", "registry", "manifest", "bytelm", "tensormodel", "dataplane", "locks",
+        "text", "errors", "settings", "metrics", "runtime"]
 
 
 def modules_after(code: str) -> set[str]:

@@ -62,6 +62,10 @@ class Recorder:
         self.batches.append([(w.tenant, w.key) for w in works])
         return None, [float(v) for v in outputs["s_out"][:, 0]]
 
+    @staticmethod
+    def merge(results):  # a chunked input: its answer is its last state
+        return results[-1]
+
 
 def reference(tokens: list[int], s: float = 0.0) -> float:
     for x in tokens:
