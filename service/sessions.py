@@ -358,12 +358,19 @@ class SessionManager:
         return len(removed)
 
     async def run_sweeper(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.sweep()
             except Exception as e:  # a failing store must not kill the sweeper
-                log.warning("session sweep failed: %s", e)
+                if not failing:  # once per outage, not every interval
+                    log.warning("session sweep failed: %s", e)
+                failing = True
+            else:
+                if failing:
+                    log.info("session sweep works again")
+                failing = False
 
     # ------------------------------------------------------------------ helpers
 

@@ -9,7 +9,6 @@ reference."""
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from carousel.model.model import encode
-from storekit import machine_db, step_with_retries
+from storekit import machine_db, sse_events, step_with_retries
 
 DB = 13
 STEPPERS, STEPS = 6, 30
@@ -61,9 +60,9 @@ def generation(url: str, sid: str, start: int, reached: threading.Barrier) -> li
         with httpx.stream("POST", f"{url}/v1/sessions/{sid}/generate", json=body,
                           timeout=30, trust_env=False) as r:
             assert r.status_code == 200, r.read()
-            for line in r.iter_lines():
-                if line.startswith("data: {\"token\""):
-                    events.append(json.loads(line[6:]))
+            for event, data in sse_events(r):
+                if event == "message":
+                    events.append(data)
                     if len(events) == KILL_AFTER:
                         reached.wait(60)
     except httpx.TransportError:

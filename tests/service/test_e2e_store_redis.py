@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from carousel.model.model import encode
-from storekit import machine_db
+from storekit import machine_db, sse_events
 
 DB = 13
 
@@ -129,8 +129,9 @@ def test_a_generation_holds_the_session_until_written_back(a_b, tiny, check):
     sid = a.create_session("tinylstm", text="Once upon")["session_id"]
     tokens = []
     busy = None
-    with a.stream(sid, max_tokens=3000, temperature=1.0, seed=5) as events:
-        for event, data in events:
+    body = {"max_tokens": 3000, "temperature": 1.0, "seed": 5, "stream": True}
+    with a.http.stream("POST", f"/v1/sessions/{sid}/generate", json=body) as r:
+        for event, data in sse_events(r):
             if event == "end":
                 end = data
                 break
