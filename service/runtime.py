@@ -19,10 +19,11 @@ from .errors import NotReady, ShuttingDown
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import make_scheduler
-from .sessions import Checkpoints, SessionManager
+from .sessions import SessionManager
 from .settings import Settings
 from .store import MemoryStore, SessionStore, open_store
 from .v2plane import V2Plane
+from .writeback import Checkpoints
 
 log = logging.getLogger("carousel.service")
 

@@ -16,10 +16,8 @@ here (locks.py): in one process they apply one at a time in arrival order withou
 conflicting; across replicas the compare-and-set is the guarantee.
 
 A stream (a generation) holds the lock and, in the store, the session's lease, until what
-it fed is written back (`_Writer`): a shared store gets checkpoints as it goes (at least
-every `checkpoint_tokens` tokens and `checkpoint_ms` ms), each one only of tokens whose
-events its consumer has already taken, so what the store holds is always a prefix of what
-the client received; the end event follows the final write and says where the session is.
+it fed is written back (writeback.py: checkpoints as it goes for a shared store, the final
+write, then the end event).
 
 Rows are never changed in place (the scheduler always makes new ones), so a fresh session
 shares one zero row and a fork shares its parent's row until either moves on.
@@ -50,6 +48,7 @@ from .errors import (
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
 from .store import Change, Commit, SessionRecord, SessionStore, Status, StoreFull
+from .writeback import Checkpoints, StreamWriter
 
 log = logging.getLogger("carousel.service")
 
@@ -77,18 +76,6 @@ class Outcome:
     replayed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Checkpoints:
-    """How often a generation's state is written to a shared store as it goes (0: never)."""
-
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tokens or self.seconds)
-
-
 class SessionHooks:
     """What the manager reports (metrics); the default does nothing."""
 
@@ -105,7 +92,7 @@ class SessionManager:
     def __init__(self, registry: Registry, store: SessionStore, *, session_ttl_s: float,
                  max_session_ttl_s: float, max_sessions: int, sweep_interval_s: float = 10.0,
                  hooks: SessionHooks | None = None, lease_s: float = 5.0,
-                 checkpoints: Checkpoints = Checkpoints()) -> None:
+                 checkpoints: Checkpoints | None = None) -> None:
         self.registry = registry
         self.store = store
         self.session_ttl_s = session_ttl_s
@@ -115,10 +102,10 @@ class SessionManager:
         self.hooks = hooks or SessionHooks()
         self.lease_s = lease_s
         # Checkpoints only where they outlive the process.
-        self.checkpoints = checkpoints if store.shared else Checkpoints()
+        self.checkpoints = (checkpoints or Checkpoints()) if store.shared else Checkpoints()
         self._locks = KeyedLocks()
         self._zero_rows: dict[ModelVersion, np.ndarray] = {}
-        self._writers: dict[str, _Writer] = {}  # streams holding their session's lease
+        self._writers: dict[str, StreamWriter] = {}  # streams holding their session's lease
         self._creating = 0
         self._last_sweep = 0.0
 
@@ -306,7 +293,8 @@ class SessionManager:
                 record = self._refused(session_id, token)
             else:
                 raise SessionBusy(f"session {session_id!r} kept changing; retry", retry_after=1)
-            writer = _Writer(self, record, token, stream)
+            writer = StreamWriter(self.store, record, token, stream, lease_s=self.lease_s,
+                                  checkpoints=self.checkpoints, ended=self._stream_ended)
             stream.watcher = writer
             try:
                 mv.scheduler.start_stream(stream)
@@ -319,7 +307,7 @@ class SessionManager:
         self._writers[session_id] = writer
         return stream
 
-    def _stream_ended(self, writer: _Writer) -> None:
+    def _stream_ended(self, writer: StreamWriter) -> None:
         self._writers.pop(writer.record.session_id, None)
         self._locks.release(writer.record.session_id)
 
@@ -425,133 +413,3 @@ class SessionManager:
         """What a record keeps of its last step to answer a retry: nothing where the
         adapter recomputes it from the row (the byte LM's logits are there)."""
         return None if mv.layout.extra_size else result
-
-
-class _Writer:
-    """A stream's hold on its session: the lease's token, the checkpoints, the final write.
-
-    The stream tells it when its row is current (`rested`: a decode run ended, the row
-    holds everything fed), when its consumer has taken more events (`delivered`), and when
-    it has finished. A row is written only once the consumer has taken every event up to
-    its position (or has gone, or takes no events: a plain response is sent whole after the
-    write), so the store never holds tokens the client was not sent. One write at a time;
-    the end event comes after the final one, with the position the store holds."""
-
-    def __init__(self, manager: SessionManager, record: SessionRecord, token: int,
-                 stream) -> None:
-        self.manager = manager
-        self.record = record
-        self.token = token
-        self.stream = stream
-        self.renewed = time.monotonic()
-        self.written_at = time.monotonic()
-        self.pending: tuple[np.ndarray, int] | None = None  # (row, position) to write
-        self.finished = False
-        self.lost = False
-        self.gone = False
-        self.unreachable = False
-        self.released = False
-        self._task: asyncio.Task | None = None
-
-    # -- what the stream reports
-
-    def rested(self) -> None:
-        cp = self.manager.checkpoints
-        s = self.stream
-        if not cp.enabled or not s.streaming or self.lost or self.gone:
-            return
-        # Half the interval, since runs stop only every half interval (scheduler.py).
-        due = ((cp.tokens and s.position - self.record.position >= cp.tokens / 2)
-               or (cp.seconds and time.monotonic() - self.written_at >= cp.seconds / 2))
-        if due and s.position > self.record.position:
-            self.pending = (s.row, s.position)
-            self._kick()
-
-    def delivered(self) -> None:
-        if self.pending is not None:
-            self._kick()
-
-    def finish(self) -> None:
-        self.finished = True
-        s = self.stream
-        self.pending = (s.row, s.position) if s.position > self.record.position else None
-        self._kick()
-
-    def lose(self) -> None:
-        """The lease is gone: stop the stream, write nothing more."""
-        if not self.lost:
-            self.lost = True
-            log.warning("session %r: the generation lost its lease; stopping it",
-                        self.record.session_id)
-            self.stream.cancel()
-
-    # -- writing
-
-    def _writable(self) -> bool:
-        if self.pending is None:
-            return self.finished
-        s = self.stream
-        return not s.streaming or s.cancelled or s.delivered >= self.pending[1]
-
-    def _kick(self) -> None:
-        if (self._task is None or self._task.done()) and self._writable():
-            self._task = asyncio.get_running_loop().create_task(self._write())
-
-    async def _write(self) -> None:
-        while self.pending is not None and self._writable():
-            row, position = self.pending
-            self.pending = None
-            final = self.finished and self.pending is None
-            await self._commit(row, position, final)
-            if self.finished and self.pending is None:
-                break
-        if self.finished and self.pending is None:
-            await self._end()
-
-    async def _commit(self, row, position: int, final: bool) -> None:
-        if self.lost or self.gone:
-            return
-        manager, store = self.manager, self.manager.store
-        change = Change(row, position, used_at=time.time())
-        deadline = self.renewed + manager.lease_s  # the lease holds this long unrenewed
-        while True:
-            try:
-                commit = await store.commit(self.record, change, lease=self.token,
-                                            release=final)
-            except StoreUnavailable:
-                # A checkpoint can wait for the next one; the final write tries until the
-                # lease would have run out (the store may be back by then).
-                if not final or time.monotonic() >= deadline:
-                    self.unreachable = final
-                    return
-                await asyncio.sleep(0.1)
-                continue
-            break
-        self.unreachable = False
-        if commit.status is Status.APPLIED:
-            self.written_at = time.monotonic()
-            self.released = final
-            return
-        if commit.status is Status.GONE:
-            self.gone = True  # deleted meanwhile: it stays deleted
-        else:
-            self.lose()
-
-    async def _end(self) -> None:
-        stream, record = self.stream, self.record
-        try:
-            if not (self.lost or self.gone or self.unreachable or self.released):
-                try:  # nothing was left to write: just end the lease
-                    await self.manager.store.release(record.session_id, self.token)
-                except StoreUnavailable:
-                    pass  # it expires by itself
-        finally:
-            self.manager._stream_ended(self)
-        if self.lost:
-            stream.end("lease_lost", record.position)
-        elif self.unreachable:
-            stream.end("store_unavailable", record.position)
-        elif self.gone:
-            stream.end(stream.finish_reason, stream.position)
-        else:
-            stream.end(stream.finish_reason, record.position)

@@ -248,7 +248,8 @@ def test_records_round_trip_and_corrupt_bytes_are_refused():
 
 def test_the_new_core_modules_import_nothing_from_fastapi():
     code = ("import carousel.service.redisstore, carousel.service.recordcodec, "
-            "carousel.service.snapshot, carousel.service.portable\nimport sys\n"
+            "carousel.service.snapshot, carousel.service.portable, carousel.service.writeback"
+            "\nimport sys\n"
             "print(' '.join(sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
