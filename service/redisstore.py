@@ -450,11 +450,8 @@ class RedisStore:
 
     async def expire(self, now: float | None = None) -> list[Expired]:
         now_ms = int((time.time() if now is None else now) * 1000)
-        try:
-            members = await self._redis.zrangebyscore(INDEX, "-inf", now_ms, start=0,
-                                                      num=self.SWEEP_BATCH)
-        except DOWN as e:
-            raise StoreUnavailable(f"the session store cannot be reached ({e})") from None
+        members = await self._call("ZRANGEBYSCORE", INDEX, "-inf", now_ms, "LIMIT", 0,
+                                   self.SWEEP_BATCH)
         removed = await asyncio.gather(*(self._script("sweep", (INDEX,), (m, now_ms))
                                          for m in members))
         out = []
@@ -466,10 +463,7 @@ class RedisStore:
         return out
 
     async def count(self) -> int:
-        try:
-            return await self._redis.zcount(INDEX, int(time.time() * 1000), "+inf")
-        except DOWN as e:
-            raise StoreUnavailable(f"the session store cannot be reached ({e})") from None
+        return int(await self._call("ZCOUNT", INDEX, int(time.time() * 1000), "+inf"))
 
     async def ping(self) -> bool:
         try:
