@@ -55,16 +55,34 @@ class Scheduler:
 
 
 class Stream:
-    """A generation the test ends by hand (`produce`)."""
+    """A generation the test ends by hand (`produce`): a plain answer (no events), written
+    back by its watcher (the manager's writer, writeback.py) before it ends."""
+
+    streaming = False
 
     def __init__(self, record) -> None:
         self.row, self.position = record.row, record.position
+        self.delivered = record.position
+        self.cancelled = False
+        self.finish_reason = None
+        self.watcher = None
         self.done = asyncio.get_running_loop().create_future()
 
     def produce(self, n: int) -> None:
         self.row = np.array([float(self.row[0]) + n], dtype=np.float32)
         self.position += n
-        self.done.set_result(None)
+        self.finish_reason = "length"
+        if self.watcher is not None:
+            self.watcher.finish()
+        else:
+            self.end("length", self.position)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def end(self, reason: str, position: int) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class Model:
