@@ -126,12 +126,13 @@ class Service:
 
     async def end_work(self) -> None:
         """End what still runs: generations finish with 'shutdown' (their consumers send
-        the stream's final event), queued work fails with ShuttingDown; then wait a moment
-        for those answers to be written."""
+        the stream's final event, which comes once the stream's writer has written the
+        session back), queued work fails with ShuttingDown; then wait a moment for those
+        write-backs and answers."""
         if self.registry is not None:
             await self.registry.close()
         deadline = time.monotonic() + FINAL_ANSWERS_S
-        while self.inflight and time.monotonic() < deadline:
+        while self.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
