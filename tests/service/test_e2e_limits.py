@@ -65,6 +65,20 @@ def read_all(sock: socket.socket, limit_s: float = 30.0) -> bytes:
     return data
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole answer on a connection left open: its headers and Content-Length bytes of
+    body (which may come in a later segment than the headers)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            next((line.split(b":", 1)[1] for line in data.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")), b"0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def parse(raw: bytes) -> tuple[int, dict, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -276,7 +290,7 @@ def test_requests_waiting_on_one_session_are_bounded(limited, lapi, check):
                      "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
                      .encode())
         sock.settimeout(30)
-        status, _, body = parse(sock.recv(65536))
+        status, _, body = parse(read_answer(sock))
         assert (status, body["error"]["code"]) == (429, "session_busy")
         sock.close()
     # Leaving the stream cancels the generation; the waiting steps then apply, in turn.
