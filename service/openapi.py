@@ -226,8 +226,9 @@ def v2_paths() -> dict:
     # carousel's own: a sequence's state as a portable blob, out and back in
     state = "/v2/models/{name}/sequences/{sequence_id}/state"
     add(state, "get", "v2_sequence_state", "A sequence's state as a portable blob", BLOB)
-    add(state, "put", "v2_sequence_restore", "Start a sequence from a portable blob",
-        content({"type": "object"}), BLOB)
+    add(state, "put", "v2_sequence_restore", "Start a sequence from a portable blob (sent "
+        f"as application/octet-stream or {portable.MEDIA_TYPE})", content({"type": "object"}),
+        {**content({"type": "string", "format": "binary"}, "application/octet-stream"), **BLOB})
     for op in paths[state].values():
         op["parameters"].append({"name": "sequence_id", "in": "path", "required": True,
                                  "schema": STR})
