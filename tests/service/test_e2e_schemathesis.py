@@ -45,7 +45,7 @@ def keyed_server(request, start_server, tiny_repo, check):
     env = {"CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]), **check.LIMITS,
            "CAROUSEL_MAX_GENERATE_TOKENS": "64"}
     if request.param == "key":
-        env["CAROUSEL_API_KEYS"] = KEY
+        env["CAROUSEL_API_KEYS"] = f"schemathesis:{KEY}"  # tenant:KEY
     server = start_server(f"schemathesis-{request.param}", env)
     headers = {"Authorization": f"Bearer {KEY}"} if request.param == "key" else {}
     return server, schemathesis.openapi.from_url(server.url + "/openapi.json"), headers
