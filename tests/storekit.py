@@ -7,6 +7,7 @@ steps with positions and retries the way the API says is safe.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import signal
 import socket
@@ -26,15 +27,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOCK = "carousel-tests:lock"  # the one key of a test database that is not the store's
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+
+def clean(r: redis.Redis) -> None:
+    """Every key of the database but the lock."""
+    keys = [k for k in r.scan_iter(count=1000) if k != LOCK.encode()]
+    for i in range(0, len(keys), 500):
+        r.delete(*keys[i: i + 500])
+
+
 @contextlib.contextmanager
-def machine_db(db: int):
-    """The machine's Redis, database `db`, flushed before and after."""
+def machine_db(db: int, wait_s: float = 900.0):
+    """The machine's Redis, database `db`, cleaned before and after. Held under a lock in
+    that database: other checkouts of this project on the machine may run the same tests
+    at the same time, and one run's cleaning must not empty another's sessions."""
     r = redis.Redis(*MACHINE_REDIS, db=db)
-    r.flushdb()
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + wait_s
+    while not r.set(LOCK, token, nx=True, px=int(wait_s * 1000)):
+        assert time.monotonic() < deadline, f"database {db} stayed locked by another run"
+        time.sleep(0.2)
     try:
+        clean(r)
         yield r
     finally:
-        r.flushdb()
+        clean(r)
+        r.eval(RELEASE, 1, LOCK, token)
         r.close()
 
 

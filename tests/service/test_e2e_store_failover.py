@@ -1,5 +1,5 @@
 """The issue's process-level guarantee: three `carousel serve` replicas on the machine's
-Redis (database 13, flushed before and after); sessions created on one and stepped on the
+Redis (database 13, cleaned before and after); sessions created on one and stepped on the
 others; one replica SIGKILLed in the middle of two generations and of a stream of steps;
 clients retrying with positions on the replicas left. Afterwards: no acknowledged step is
 lost, none is applied twice, each generation's stored session is exactly a prefix of what

@@ -1,4 +1,4 @@
-"""Two `carousel serve` replicas sharing the machine's Redis (database 13, flushed before and
+"""Two `carousel serve` replicas sharing the machine's Redis (database 13, cleaned before and
 after): any replica serves any session, a retry is answered the same way by either, racing
 replicas apply each step exactly once, a stale cached row is never used, a generation's
 lease keeps the other replica out until it ends, sessions expire by Redis' TTL, and a

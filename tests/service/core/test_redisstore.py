@@ -1,4 +1,4 @@
-"""The Redis store against the machine's real Redis (127.0.0.1:6379, database 12, flushed
+"""The Redis store against the machine's real Redis (127.0.0.1:6379, database 12, cleaned
 before and after each test): two store objects on one database are two replicas.
 
 Compare-and-set (exactly one of two racing writers applies; the loser gets the winner's
@@ -21,19 +21,17 @@ from carousel.service import recordcodec
 from carousel.service.errors import ModelMismatch, StoreUnavailable
 from carousel.service.redisstore import RedisStore
 from carousel.service.store import Change, SessionRecord, Status, StoreFull
+from storekit import RedisServer, machine_db
 
-DB = 12
+DB = 12  # the machine's Redis, this database only: cleaned before and after, under a lock
 URL = f"redis://127.0.0.1:6379/{DB}"
 BUILDS = {("m", 1): "ab" * 32}
 
 
 @pytest.fixture(autouse=True)
 def clean_db():
-    r = redis.Redis(host="127.0.0.1", port=6379, db=DB)
-    r.flushdb()
-    yield r
-    r.flushdb()
-    r.close()
+    with machine_db(DB) as r:
+        yield r
 
 
 def record(sid: str, ttl: float = 60.0, position: int = 0) -> SessionRecord:
@@ -203,13 +201,25 @@ def test_a_tensor_models_kept_result_survives_the_store():
     run(test)
 
 
-def test_an_emptied_script_cache_is_reloaded(clean_db):
-    async def test(a, b):
-        await a.put(record("s"), create=True)
-        clean_db.script_flush()  # as after a Redis restart
-        assert (await a.get("s")).position == 0
+def test_an_emptied_script_cache_is_reloaded(tmp_path):
+    server = RedisServer(tmp_path)  # SCRIPT FLUSH is for all of a server's users: our own
+    server.start()
 
-    run(test)
+    async def main():
+        store = RedisStore(server.url, builds=BUILDS)
+        try:
+            await store.put(record("s"), create=True)
+            with redis.Redis("127.0.0.1", server.port) as r:
+                r.script_flush()  # as after a Redis restart
+            rec = await store.get("s")
+            assert (await store.commit(rec, change(rec, 1.0))).status is Status.APPLIED
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.kill()
 
 
 def test_an_unreachable_redis_is_store_unavailable():
