@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from . import views
+from . import portable, views
 from .auth import tenant_of
 from .dataplane import DataPlane
 from .disconnect import unless_disconnected
@@ -84,6 +84,12 @@ SIMPLE_MEDIA = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart
 def raw_media(content_type: bytes) -> bool:
     """A raw body's Content-Type (v2: binary tensors or JSON): anything but a form's."""
     return content_type.partition(b";")[0].strip().lower() not in SIMPLE_MEDIA
+
+
+def session_media(content_type: bytes) -> bool:
+    """A new session's body: JSON, or a portable session's blob (its own media type)."""
+    mime = content_type.partition(b";")[0].strip().lower()
+    return json_media(content_type) or mime == portable.MEDIA_TYPE.encode()
 
 
 async def read_asgi_body(scope, receive, limit: int, media=json_media) -> bytes:
@@ -156,14 +162,24 @@ async def predict(request: Request) -> Response:
 # ---------------------------------------------------------------------------- sessions
 
 
-@route("POST", "/v1/sessions", "Create a session (optionally primed with input)",
+@route("POST", "/v1/sessions", "Create a session (optionally primed with input), or restore "
+       "one from its portable state ({\"state\": base64} or the raw blob with its media type)",
        body=CreateSessionRequest, status=201)
 async def create_session(request: Request) -> Response:
     dp = plane(request)
-    body = await read_body(request, dp.settings.max_body_bytes)
+    body = await read_body(request, dp.settings.max_body_bytes, session_media)
     return json_response(await unless_disconnected(
-        dp.create_session(body, request.scope, tenant=tenant_of(request.scope)),
+        dp.create_session(body, request.scope, request.headers.get("content-type", ""),
+                          tenant=tenant_of(request.scope)),
         request.receive), 201)
+
+
+@route("GET", "/v1/sessions/{session_id}/state",
+       f"The session as a portable blob ({portable.MEDIA_TYPE}; see README)")
+async def export_session(request: Request) -> Response:
+    blob = await plane(request).export_session(request.path_params["session_id"],
+                                               request.scope, tenant=tenant_of(request.scope))
+    return Response(blob, media_type=portable.MEDIA_TYPE)
 
 
 @route("POST", "/v1/sessions/{session_id}/step",

@@ -16,14 +16,23 @@ are kept.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import views
+from . import portable, views
 from .bytelm import Answer, digest
-from .errors import EmptyInput, InvalidInput, RequestTooLarge, TooManyTokens, UnsupportedModel
+from .errors import (
+    EmptyInput,
+    InvalidInput,
+    InvalidState,
+    RequestTooLarge,
+    TooManyTokens,
+    UnsupportedModel,
+)
 from .generation import Generation
 from .registry import ModelVersion
 from .sampling import SamplingParams
@@ -31,6 +40,7 @@ from .schemas import (
     CreateSessionRequest,
     ForkRequest,
     GenerateRequest,
+    ImportSessionRequest,
     PredictRequest,
     StepRequest,
     parse,
@@ -138,9 +148,20 @@ class DataPlane:
             outputs.append({"length": len(x), **fields})
         return {"model": mv.name, "version": mv.version, "outputs": outputs}
 
-    async def create_session(self, body: bytes, scope: dict, *,
+    async def create_session(self, body: bytes, scope: dict, content_type: str = "", *,
                              tenant: Tenant | None = None) -> dict:
+        """A new session of `tenant`: from a model (optionally primed), or from a portable
+        session's blob, sent raw (its media type) or as {"state": base64} (import_session)."""
         self.service.check_accepting()
+        if content_type.split(";")[0].strip().lower() == portable.MEDIA_TYPE:
+            return await self.import_session(body, None, scope, tenant=tenant)
+        if b'"state"' in body:
+            req = parse(ImportSessionRequest, body)
+            try:
+                blob = base64.b64decode(req.state, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidState("state: not base64") from None
+            return await self.import_session(blob, req.ttl_s, scope, tenant=tenant)
         req: CreateSessionRequest = parse(CreateSessionRequest, body)
         tokens = to_tokens(req.text, req.tokens, required=False,
                            limit=self.settings.max_tokens_per_request)
@@ -257,6 +278,29 @@ class DataPlane:
         record = await self.session(session_id, tenant=tenant)
         scope["carousel.model"] = record.model
         return views.session_body(record)
+
+    async def import_session(self, blob: bytes, ttl_s: float | None, scope: dict, *,
+                             tenant: Tenant | None = None) -> dict:
+        """A session of `tenant` restored from a portable blob: it belongs to the importer,
+        whoever exported it."""
+        meta, arrays = portable.read_meta(blob)
+        mv = self.model(meta["model"], meta["version"])
+        if not mv.is_lm:
+            raise UnsupportedModel(
+                f"model {mv.name!r} is a tensor model: restore its state as a v2 sequence "
+                f"(PUT /v2/models/{mv.name}/sequences/{{sequence_id}}/state)")
+        row = portable.to_row(meta, arrays, mv)
+        record = await self.service.sessions.restore(mv, row, meta["position"], ttl_s,
+                                                     tenant=tenant)
+        scope["carousel.model"] = record.model
+        return views.session_body(record)
+
+    async def export_session(self, session_id: str, scope: dict, *,
+                             tenant: Tenant | None = None) -> bytes:
+        """The caller's session as a portable blob (portable.py)."""
+        record = await self.session(session_id, tenant=tenant)
+        scope["carousel.model"] = record.model
+        return portable.export(record, self.model(record.model, record.version))
 
     async def delete_session(self, session_id: str, *, tenant: Tenant | None = None) -> None:
         await self.service.sessions.delete(session_id, tenant)

@@ -12,10 +12,12 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 403    | origin_not_allowed | a browser request from an origin not in `cors_origins`         |
 | 401    | unauthorized       | no API key, or not a valid one (has WWW-Authenticate)          |
 | 403    | forbidden          | a valid key without the admin mark, on an admin route          |
+| 400    | invalid_state      | a portable session blob that cannot be read (portable.py)      |
 | 404    | not_found          | no such path                                                   |
 | 405    | method_not_allowed | the path exists, the method does not (has Allow)               |
 | 408    | request_timeout    | the headers or the body did not arrive in time (connections.py)|
 | 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
+| 409    | model_mismatch     | a session's state was made by another build of its model       |
 | 413    | request_too_large  | body over `max_body_bytes`, or more inputs than allowed        |
 | 413    | too_many_tokens    | input over `max_tokens_per_request`                            |
 | 415    | unsupported_media_type | a body that is not `application/json` (v2: not octet-stream) |
@@ -38,6 +40,8 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 503    | not_ready          | models are still loading or the store is unreachable           |
 | 503    | shutting_down      | the server is draining after SIGTERM                           |
 | 503    | too_many_connections | `max_connections` are open (has Retry-After)                 |
+| 503    | store_unavailable  | the session store (Redis) cannot be reached (has Retry-After)  |
+| 503    | session_busy       | another replica is generating on the session (has Retry-After) |
 | 500    | inference_failed   | onnxruntime failed on a batch (never caused by input)          |
 | 500    | internal_error     | a bug; the message says no more                                |
 """
@@ -157,6 +161,12 @@ class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
 
+class InvalidState(ServiceError):
+    """A portable session blob (GET /v1/sessions/{id}/state) that cannot be read."""
+
+    status, code = 400, "invalid_state"
+
+
 class InvalidV2Request(InvalidInput):
     """A v2 (KServe / Triton) request that is malformed or does not fit the model.
 
@@ -217,6 +227,13 @@ class PositionMismatch(ServiceError):
         self.position = position
 
 
+class ModelMismatch(ServiceError):
+    """A session whose state was made by another build of its model version (the manifest's
+    sha256 differs): state from other weights would silently give wrong answers."""
+
+    status, code = 409, "model_mismatch"
+
+
 class Unavailable(ServiceError):
     """503s: the client should come back later."""
 
@@ -241,6 +258,25 @@ class ShuttingDown(Unavailable):
 
 class TooManyConnections(Unavailable):
     code = "too_many_connections"
+
+
+class StoreUnavailable(Unavailable):
+    """The session store cannot be reached; nothing was applied that the client was told
+    about, and a retry with `position` is safe."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the session store cannot be reached; retry shortly",
+                 *, retry_after: float = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class SessionContended(Unavailable):
+    """503: another replica holds the session's generation lease (or kept changing the
+    session under a step). The same code as `SessionBusy`'s 429, which is this replica's
+    own queue on the session: either way the session is busy, retry after a while."""
+
+    code = "session_busy"
 
 
 class InferenceFailed(ServiceError):

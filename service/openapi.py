@@ -21,7 +21,7 @@ import re
 from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
-from . import api
+from . import api, portable
 from .openai_schemas import CompletionRequest
 
 REF = "#/components/schemas/{model}"
@@ -105,6 +105,7 @@ SCHEMAS = {
 }
 
 TEXT = {"type": "string"}
+BLOB = {portable.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}
 
 
 def content(schema: dict, media: str = JSON) -> dict:
@@ -133,6 +134,7 @@ V1_ANSWERS = {
     "get_session": (content(ref("Session")),),
     "delete_session": (None,),
     "fork_session": (content(ref("Fork")),),
+    "export_session": (BLOB,),
 }
 
 VERSION = {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}
@@ -149,6 +151,8 @@ def v1_operation(r: api.RouteSpec) -> dict:
     if r.body is not None:
         op["requestBody"] = {"required": r.body is not api.ForkRequest,
                              "content": content(ref(r.body.__name__))}
+        if r.endpoint.__name__ == "create_session":  # or a portable session's blob
+            op["requestBody"]["content"].update(BLOB)
     return op
 
 
@@ -219,6 +223,15 @@ def v2_paths() -> dict:
             "Inference; with parameters.sequence_id, a stateful sequence",
             {**content(ref("V2InferResponse")), **content(TEXT, "application/octet-stream")},
             {**content(ref("V2InferRequest")), **content(TEXT, "application/octet-stream")})
+    # carousel's own: a sequence's state as a portable blob, out and back in
+    state = "/v2/models/{name}/sequences/{sequence_id}/state"
+    add(state, "get", "v2_sequence_state", "A sequence's state as a portable blob", BLOB)
+    add(state, "put", "v2_sequence_restore", "Start a sequence from a portable blob (sent "
+        f"as application/octet-stream or {portable.MEDIA_TYPE})", content({"type": "object"}),
+        {**content({"type": "string", "format": "binary"}, "application/octet-stream"), **BLOB})
+    for op in paths[state].values():
+        op["parameters"].append({"name": "sequence_id", "in": "path", "required": True,
+                                 "schema": STR})
     return paths
 
 

@@ -4,9 +4,20 @@ The manager is the only writer of session records, and knows steps only as tenso
 `Step` is a model's per-step inputs (checked by its adapter), how many steps along the
 sequence axis they hold, the adapter's answer options, and a digest that recognises the
 very same step when a client retries it. Every operation validates everything first and
-writes last, so a rejected request changes nothing. Steps on one session hold its lock
-(locks.py), so they apply one at a time in arrival order; a stream (a generation) holds it
-until what it fed is written back.
+writes last, so a rejected request changes nothing.
+
+Writes are compare-and-set (store.py): a step is computed from the record the manager
+holds and committed against it; if the store holds another record by then (another replica
+applied a step), the step was not applied, and it is decided again from the store's record:
+a retry of the step that won is answered as that step was, any other position is a 409, a
+step without a position runs again on the new state. So no step is ever applied twice, and
+an answer is sent only once its write is confirmed. Steps on one session also hold its lock
+here (locks.py): in one process they apply one at a time in arrival order without ever
+conflicting; across replicas the compare-and-set is the guarantee.
+
+A stream (a generation) holds the lock and, in the store, the session's lease, until what
+it fed is written back (writeback.py: checkpoints as it goes for a shared store, the final
+write, then the end event).
 
 Rows are never changed in place (the scheduler always makes new ones), so a fresh session
 shares one zero row and a fork shares its parent's row until either moves on.
@@ -24,6 +35,7 @@ for work about to run, giving back what then did not run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -38,18 +50,24 @@ from .errors import (
     AtCapacity,
     InvalidInput,
     PositionMismatch,
+    ServiceError,
     SessionBusy,
+    SessionContended,
+    StoreUnavailable,
     TenantLimit,
     UnknownSession,
 )
 from .locks import KeyedLocks
 from .registry import ModelVersion, Registry
-from .store import SessionRecord, SessionStore
+from .store import Change, Commit, SessionRecord, SessionStore, Status, StoreFull
+from .writeback import Checkpoints, StreamWriter
 
 if TYPE_CHECKING:
     from .auth import Tenant
 
 log = logging.getLogger("carousel.service")
+
+CONFLICT_ATTEMPTS = 4  # a step recomputed this often on newer state gives up (503)
 
 
 @dataclass(slots=True)
@@ -92,7 +110,8 @@ def owner_of(tenant: Tenant | None) -> str | None:
 class SessionManager:
     def __init__(self, registry: Registry, store: SessionStore, *, session_ttl_s: float,
                  max_session_ttl_s: float, max_sessions: int, sweep_interval_s: float = 10.0,
-                 max_waiting: int | None = None, hooks: SessionHooks | None = None) -> None:
+                 max_waiting: int | None = None, hooks: SessionHooks | None = None,
+                 lease_s: float = 5.0, checkpoints: Checkpoints | None = None) -> None:
         self.registry = registry
         self.store = store
         self.session_ttl_s = session_ttl_s
@@ -101,13 +120,19 @@ class SessionManager:
         self.sweep_interval_s = sweep_interval_s
         self.max_waiting = max_waiting  # requests waiting on one session's lock (None: any)
         self.hooks = hooks or SessionHooks()
+        self.lease_s = lease_s
+        # Checkpoints only where they outlive the process.
+        self.checkpoints = (checkpoints or Checkpoints()) if store.shared else Checkpoints()
         self._locks = KeyedLocks()
         self._zero_rows: dict[ModelVersion, np.ndarray] = {}
-        self._jobs: set[asyncio.Task] = set()  # stream write-backs in flight
+        self._writers: dict[str, StreamWriter] = {}  # streams holding their session's lease
         self._creating = 0
         self._last_sweep = 0.0
         self._held: dict[str, int] = {}  # per tenant: live sessions, and ones being made
         self._generating: dict[str, int] = {}  # per tenant: generations running
+        if not store.shared and hasattr(store, "live"):  # records a snapshot brought back
+            for record in store.live():
+                self._hold(record.owner)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,8 +168,7 @@ class SessionManager:
                 record.last_result = self._kept(mv, outcome.result)
             if replace and (old := await self.store.delete(session_id)) is not None:
                 self._removed(old, "deleted")
-            if not await self.store.put(record, create=True):
-                raise InvalidInput(f"session {session_id!r} exists already")
+            await self._insert(record)
             held = False  # the record holds its place now
         finally:
             self._creating -= 1
@@ -154,6 +178,36 @@ class SessionManager:
         if step is not None:
             self.hooks.consumed(mv.name, mv.version, step.length)
         return record, outcome
+
+    async def restore(self, mv: ModelVersion, row: np.ndarray, position: int,
+                      ttl_s: float | None = None, session_id: str | None = None,
+                      replace: bool = False, *, tenant: Tenant | None = None) -> SessionRecord:
+        """A new session of `tenant` holding a given state (a portable session imported:
+        it belongs to whoever imports it); `session_id` and `replace` as for `create`."""
+        ttl = self._ttl(ttl_s)
+        session_id = session_id or new_session_id()
+        owner = owner_of(tenant)
+        self._creating += 1
+        held = False
+        try:
+            live = await self.store.get(session_id) if replace else None
+            if live is not None and live.owner != owner:
+                raise InvalidInput(f"session {session_id!r} exists already")
+            if live is None:  # replacing a live session adds none
+                await self._check_capacity(tenant)
+            held = self._hold(owner)
+            record = SessionRecord(session_id, mv.name, mv.version, row, ttl,
+                                   position=position, owner=owner)
+            if replace and (old := await self.store.delete(session_id)) is not None:
+                self._removed(old, "deleted")
+            await self._insert(record)
+            held = False  # the record holds its place now
+        finally:
+            self._creating -= 1
+            if held:
+                self._let_go(owner)
+        self.hooks.created(mv.name)
+        return record
 
     async def get(self, session_id: str, tenant: Tenant | None = None) -> SessionRecord:
         """The live session, if it is the caller's. Another tenant's session is answered
@@ -188,7 +242,8 @@ class SessionManager:
                 held = self._hold(owner)
                 record = SessionRecord(new_session_id(), src.model, src.version, src.row, ttl,
                                        position=src.position, owner=owner)
-                held = not await self.store.put(record, create=True)
+                await self._insert(record)
+                held = False  # the record holds its place now
             finally:
                 self._creating -= 1
                 if held:
@@ -210,30 +265,65 @@ class SessionManager:
         kept copy is returned."""
         await self._acquire(session_id)
         try:
-            record = await self.get(session_id, tenant)
-            mv = self.registry.get(record.model, record.version)
-            step = prepare(mv)
-            if position is not None and position != record.position:
-                if position == record.last_start and step.digest == record.last_digest:
-                    result = (replay(mv, record, step) if replay is not None
-                              else record.last_result)
-                    return record, Outcome(record.row, record.position, result, True)
-                raise PositionMismatch(position, record.position)
-            result = await self._run(mv, tenant, session_id, step, record.row)
-            # Applied: from here on nothing may be left half done, so the record is updated
-            # before anything is awaited (a client that leaves now is too late to cancel it;
-            # its retry is answered from the record).
-            record.row = result.row
-            record.last_start, record.last_digest = record.position, step.digest
-            record.last_result = self._kept(mv, result.result)
-            record.position += step.length
-            record.last_used_at = time.time()
-            if not await self.store.put(record):
-                raise UnknownSession(session_id)  # deleted while the step ran
+            # A cached record may be stale (another replica moved the session): computing on
+            # it is safe, since the commit only applies on the record it was computed from.
+            owner = owner_of(tenant)
+            record = self.store.cached(session_id)
+            current = record is not None and not self.store.shared
+            if record is None or (record.owner != owner and not current):
+                record, current = await self.get(session_id, tenant), True
+            elif record.owner != owner:
+                raise UnknownSession(session_id)  # another tenant's: as if missing
+            mv = step = None
+            for _ in range(CONFLICT_ATTEMPTS):
+                if mv is None or (record.model, record.version) != (mv.name, mv.version):
+                    try:
+                        mv = self.registry.get(record.model, record.version)
+                        step = prepare(mv)
+                    except ServiceError:
+                        if current:
+                            raise
+                        mv = None  # refuse only on what the store holds
+                        record, current = await self.get(session_id, tenant), True
+                        continue
+                if position is not None and position != record.position:
+                    if not current:  # decide on what the store holds, not on a stale copy
+                        record, current = await self.get(session_id, tenant), True
+                        continue
+                    if position == record.last_start and step.digest == record.last_digest:
+                        result = (replay(mv, record, step) if replay is not None
+                                  else record.last_result)
+                        return record, Outcome(record.row, record.position, result, True)
+                    raise PositionMismatch(position, record.position)
+                result = await self._run(mv, tenant, session_id, step, record.row)
+                # Applied once committed: the commit is the only write, and a client that
+                # leaves meanwhile is too late to cancel it (its retry is answered from the
+                # record).
+                change = Change(result.row, record.position + step.length, record.position,
+                                step.digest, self._kept(mv, result.result), time.time())
+                commit = await self.store.commit(record, change)
+                if commit.status is Status.APPLIED:
+                    break
+                record, current = self._refused(session_id, commit, tenant), True
+            else:
+                raise SessionContended(f"session {session_id!r} kept changing under this step; "
+                                       "retry it with its position", retry_after=1)
         finally:
             self._locks.release(session_id)
         self.hooks.consumed(mv.name, mv.version, step.length)
         return record, Outcome(record.row, record.position, result.result)
+
+    def _refused(self, session_id: str, commit: Commit,
+                 tenant: Tenant | None) -> SessionRecord:
+        """The record to decide again from after a refused commit, or the error to answer."""
+        if commit.status is Status.CONFLICT:
+            if commit.current.owner != owner_of(tenant):  # replaced by another tenant's
+                raise UnknownSession(session_id)
+            return commit.current
+        if commit.status is Status.BUSY:
+            raise SessionContended(f"session {session_id!r} is generating on another "
+                                   "replica; retry once it ends", retry_after=commit.retry_after)
+        raise UnknownSession(session_id)  # deleted while the step ran
 
     async def predict(self, mv: ModelVersion, steps: list[Step], *,
                       tenant: Tenant | None = None) -> list[Outcome]:
@@ -259,21 +349,38 @@ class SessionManager:
                            tenant: Tenant | None = None, budget: int = 0) -> Stream:
         """Join the model's running streams (generations); returns once it has joined (or
         raises). `make(mv, record)` builds the stream from the session (and raises for bad
-        input). The session stays locked until what the stream fed is written back.
-        `budget` is the most tokens the stream may produce: taken from the tenant's bucket
-        now, the unused part given back when it ends."""
+        input). The session stays locked, and leased in the store, until what the stream
+        fed is written back (writeback.py). `budget` is the most tokens the stream may
+        produce: taken from the tenant's bucket now, the unused part given back when it
+        ends."""
         owner = owner_of(tenant)
         await self._acquire(session_id)
         running = taken = 0
         try:
-            record = await self.get(session_id, tenant)
-            mv = self.registry.get(record.model, record.version)
-            stream = make(mv, record)
-            running = self._start_generation(tenant)
-            if tenant is not None:
-                taken = tenant.take_tokens(budget)
-            mv.scheduler.start_stream(stream)
-            record.last_used_at = time.time()  # in use: not idle while it generates
+            record = await self.get(session_id, tenant)  # what the store holds (a cheap check)
+            for _ in range(CONFLICT_ATTEMPTS):
+                mv = self.registry.get(record.model, record.version)
+                stream = make(mv, record)
+                token = await self.store.lease(record, self.lease_s)
+                if isinstance(token, int):
+                    break
+                record = self._refused(session_id, token, tenant)
+            else:
+                raise SessionContended(f"session {session_id!r} kept changing; retry",
+                                       retry_after=1)
+            try:
+                running = self._start_generation(tenant)
+                if tenant is not None:
+                    taken = tenant.take_tokens(budget)
+                ended = functools.partial(self._stream_ended, tenant=tenant, taken=taken,
+                                          running=running, start=record.position)
+                writer = StreamWriter(self.store, record, token, stream, lease_s=self.lease_s,
+                                      checkpoints=self.checkpoints, ended=ended)
+                stream.watcher = writer
+                mv.scheduler.start_stream(stream)
+            except BaseException:
+                await self.store.release(session_id, token)
+                raise
         except BaseException:
             if running:
                 self._end_generation(owner)
@@ -281,62 +388,78 @@ class SessionManager:
                 tenant.give_tokens(taken)
             self._locks.release(session_id)
             raise
-        task = asyncio.get_running_loop().create_task(
-            self._write_back(record, stream, tenant, taken, running))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
+        self._writers[session_id] = writer
+        writer.keep_alive()
         return stream
 
-    async def _write_back(self, record: SessionRecord, stream, tenant: Tenant | None,
-                          taken: int, running: int) -> None:
-        """Wait for the stream to end and keep what it fed. Meanwhile the session is in use:
-        it is touched every half TTL, so neither a read nor the sweeper finds it expired
-        however long the stream runs, and its idle time starts again when the stream ends."""
-        start = record.position
-        try:
-            while not stream.done.done():
-                await asyncio.wait([stream.done], timeout=record.ttl_s / 2)
-                if not stream.done.done():
-                    record.last_used_at = time.time()
-                    await self.store.put(record)  # a session deleted meanwhile stays deleted
-            if stream.row is not record.row:
-                record.row = stream.row
-                record.position = stream.position
-                record.last_start, record.last_digest, record.last_result = -1, None, None
-            record.last_used_at = time.time()
-            await self.store.put(record)
-        finally:
-            self._locks.release(record.session_id)
-            if running:
-                self._end_generation(record.owner)
-            if taken:
-                tenant.give_tokens(taken - (stream.position - start))
+    def _stream_ended(self, writer: StreamWriter, *, tenant: Tenant | None, taken: int,
+                      running: int, start: int) -> None:
+        """The stream is written back (or gave up): the session is free again, and the
+        tenant's generation and unused tokens are given back."""
+        self._writers.pop(writer.record.session_id, None)
+        self._locks.release(writer.record.session_id)
+        if running:
+            self._end_generation(tenant.name)
+        if taken:
+            tenant.give_tokens(taken - (writer.stream.position - start))
+
+    async def run_lease_keeper(self) -> None:
+        """Renew the leases of running streams well before they expire; a stream whose
+        lease is gone (the store was unreachable for longer than the lease) stops."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            writers = dict(self._writers)
+            if not writers:
+                continue
+            now = time.monotonic()
+            try:
+                lost = await self.store.renew({sid: w.token for sid, w in writers.items()},
+                                              self.lease_s)
+            except StoreUnavailable:  # not renewed: lost once the lease has run out
+                lost = {sid for sid, w in writers.items() if now - w.renewed >= self.lease_s}
+            except Exception:
+                log.exception("renewing generation leases failed")
+                continue
+            for sid, writer in writers.items():
+                if sid in lost:
+                    writer.lose()
+                else:
+                    writer.renewed = now
 
     @property
     def busy(self) -> int:
-        """Stream write-backs still running (shutdown waits for them)."""
-        return len(self._jobs)
+        """Streams still running or being written back (shutdown waits for them)."""
+        return len(self._writers)
 
     async def wait_idle(self, timeout: float) -> None:
-        if self._jobs:
-            await asyncio.wait(list(self._jobs), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self._writers and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------ expiry
 
     async def sweep(self) -> int:
         self._last_sweep = time.monotonic()
         removed = await self.store.expire()
-        for record in removed:
-            self._removed(record, "expired")
+        for gone in removed:
+            self._let_go(gone.owner)
+            self.hooks.ended(gone.model, "expired")
         return len(removed)
 
     async def run_sweeper(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.sweep()
-            except Exception:  # a failing store must not kill the sweeper
-                log.exception("session sweep failed")
+            except Exception as e:  # a failing store must not kill the sweeper
+                if not failing:  # once per outage, not every interval
+                    log.warning("session sweep failed: %s", e)
+                failing = True
+            else:
+                if failing:
+                    log.info("session sweep works again")
+                failing = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -362,6 +485,13 @@ class SessionManager:
             raise InvalidInput(f"ttl_s must be > 0 and at most {self.max_session_ttl_s:g} seconds")
         return float(ttl_s)
 
+    def _full(self) -> AtCapacity:
+        return AtCapacity(
+            f"the server holds its maximum of {self.max_sessions} sessions; delete unused "
+            "sessions or retry later",
+            retry_after=self.sweep_interval_s,
+        )
+
     async def _check_capacity(self, tenant: Tenant | None = None) -> None:
         """Raise unless one more session fits: the server's cap, then the tenant's."""
         limit = tenant.limits.max_sessions if tenant is not None else 0
@@ -373,11 +503,7 @@ class SessionManager:
             count = await self.store.count()
             held = self._held.get(tenant.name, 0) if limit else 0
         if count + self._creating > self.max_sessions:
-            raise AtCapacity(
-                f"the server holds its maximum of {self.max_sessions} sessions; delete unused "
-                "sessions or retry later",
-                retry_after=self.sweep_interval_s,
-            )
+            raise self._full()
         if limit and held >= limit:
             raise TenantLimit(
                 f"tenant {tenant.name!r} holds its maximum of {limit} sessions (v2 sequences "
@@ -443,6 +569,15 @@ class SessionManager:
             if taken:
                 tenant.give_tokens(taken)
             raise
+
+    async def _insert(self, record: SessionRecord) -> None:
+        """Add a new record; the store counts the cap again (across replicas, atomically)."""
+        try:
+            created = await self.store.put(record, create=True, limit=self.max_sessions)
+        except StoreFull:
+            raise self._full() from None
+        if not created:
+            raise InvalidInput(f"session {record.session_id!r} exists already")
 
     def _zero_row(self, mv: ModelVersion) -> np.ndarray:
         row = self._zero_rows.get(mv)

@@ -8,6 +8,11 @@ plane (v2plane.py), encode the answer. Errors are the protocol's `{"error": "<me
 while the server cannot take work, 401 (with WWW-Authenticate) without a valid API key, 429
 (with Retry-After) over a tenant's limits or a busy session, and the service's own status
 where the protocol has none to say (403 origin, 415 media type); 400 for anything else.
+
+Beyond the protocol, `GET|PUT /v2/models/{name}/sequences/{sequence_id}/state` move a
+sequence's state out and back in as a portable blob (portable.py): a sequence continued on
+another server, or after its state was kept elsewhere. The sequence is the caller's tenant's,
+like every other.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .api import raw_media, read_body
 from .auth import tenant_of
 from .disconnect import unless_disconnected
 from .errors import ServiceError
+from .portable import MEDIA_TYPE
 from .v2codec import encode_error, parse_header_length, parse_infer_request
 
 JSON = "application/json"
@@ -95,6 +101,23 @@ async def infer(request: Request) -> Response:
     return Response(payload, media_type=content_type, headers=headers)
 
 
+async def export_sequence(request: Request) -> Response:
+    p = request.path_params
+    request.scope["carousel.model"] = p["name"]
+    blob = await _plane(request).export_sequence(p["name"], p["sequence_id"],
+                                                 tenant=tenant_of(request.scope))
+    return Response(blob, media_type=MEDIA_TYPE)
+
+
+async def import_sequence(request: Request) -> Response:
+    p = request.path_params
+    svc = request.app.state.service
+    body = await read_body(request, svc.settings.max_body_bytes, raw_media)
+    request.scope["carousel.model"] = p["name"]
+    return _json(await _plane(request).import_sequence(p["name"], p["sequence_id"], body,
+                                                        tenant=tenant_of(request.scope)))
+
+
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
 
@@ -108,4 +131,9 @@ ROUTES = [
     Route(_VERSION, _endpoint(model_metadata), methods=["GET"]),
     Route(_MODEL + "/ready", _endpoint(model_ready), methods=["GET"]),
     Route(_VERSION + "/ready", _endpoint(model_ready), methods=["GET"]),
+    # carousel's own: a sequence's state as a portable blob, out and back in (portable.py)
+    Route(_MODEL + "/sequences/{sequence_id}/state", _endpoint(export_sequence),
+          methods=["GET"]),
+    Route(_MODEL + "/sequences/{sequence_id}/state", _endpoint(import_sequence),
+          methods=["PUT"]),
 ]

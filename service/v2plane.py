@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidInput, RequestTooLarge, UnknownSession
+from . import portable
+from .errors import InvalidInput, NotFound, RequestTooLarge, UnknownSession
 from .registry import ModelVersion
 from .sessions import Step
 from .v2codec import (
@@ -51,6 +52,13 @@ def sequence_key(mv: ModelVersion, sequence_id: int | str, owner: str | None = N
     kind = "i" if isinstance(sequence_id, int) else "s"
     tenant = "" if owner is None else f"{owner}~"
     return f"~seq~{tenant}{mv.name}~{kind}~{sequence_id}"
+
+
+def parse_sequence_id(raw: str) -> int | str:
+    """A sequence id from a URL: ASCII digits are an integer id, anything else a string."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) < 2**64:
+        return int(raw)
+    return raw
 
 
 class V2Plane:
@@ -149,6 +157,38 @@ class V2Plane:
             except UnknownSession:
                 pass  # expired or ended meanwhile: the answer stands
         return self._result(mv, row, result)
+
+    # ------------------------------------------------------------------ portable state
+
+    async def export_sequence(self, name: str, raw_id: str, *,
+                              tenant: Tenant | None = None) -> bytes:
+        """One of the caller's sequences' state as a portable blob (portable.py)."""
+        mv = self.model(name, None)
+        seq_id = parse_sequence_id(raw_id)
+        try:
+            record = await self.service.sessions.get(
+                sequence_key(mv, seq_id, None if tenant is None else tenant.name), tenant)
+        except UnknownSession:
+            raise NotFound(f"model '{mv.name}' has no sequence {seq_id!r}") from None
+        return portable.export(record, self.model(record.model, str(record.version)))
+
+    async def import_sequence(self, name: str, raw_id: str, blob: bytes, *,
+                              tenant: Tenant | None = None) -> dict:
+        """Start (or restart) one of the caller's sequences from a portable blob; its next
+        request continues it without sequence_start."""
+        self.service.check_accepting()
+        meta, arrays = portable.read_meta(blob)
+        if meta["model"] != name:
+            raise InvalidV2Request(f"the blob is a session of model {meta['model']!r}, "
+                                   f"not {name!r}")
+        mv = self.model(name, str(meta["version"]))
+        seq_id = parse_sequence_id(raw_id)
+        row = portable.to_row(meta, arrays, mv)
+        key = sequence_key(mv, seq_id, None if tenant is None else tenant.name)
+        record = await self.service.sessions.restore(mv, row, meta["position"], session_id=key,
+                                                     replace=True, tenant=tenant)
+        return {"model_name": mv.name, "model_version": str(mv.version),
+                "sequence_id": seq_id, "position": record.position}
 
     def _rows(self, mv: ModelVersion, tensors: dict[str, np.ndarray]) -> list[Step]:
         """The request's batch as one step per row (batch axes removed), each checked by

@@ -125,7 +125,7 @@ def every_route() -> list[tuple[str, str, str]]:
     from carousel.service import api, openai_api, v2
 
     values = {"session_id": secrets.token_urlsafe(16), "name": "tinylstm", "version": "1",
-              "model": "tinylstm", "rest": "anything"}
+              "model": "tinylstm", "rest": "anything", "sequence_id": "7"}
 
     def fill(path: str) -> str:
         return re.sub(r"{(\w+)(:\w+)?}", lambda m: values[m[1]], path)

@@ -67,15 +67,17 @@ def read_all(sock: socket.socket, limit_s: float = 30.0) -> bytes:
 
 
 def read_answer(sock: socket.socket) -> bytes:
-    """One whole answer (its head and Content-Length bytes of body): a recv may return less."""
-    raw = b""
-    while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < int(
-            re.search(rb"(?i)content-length:\s*(\d+)", raw).group(1)):
+    """One whole answer on a connection left open: its headers and Content-Length bytes of
+    body (which may come in a later segment than the headers)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            next((line.split(b":", 1)[1] for line in data.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")), b"0")):
         chunk = sock.recv(65536)
         if not chunk:
             break
-        raw += chunk
-    return raw
+        data += chunk
+    return data
 
 
 def parse(raw: bytes) -> tuple[int, dict, dict]:

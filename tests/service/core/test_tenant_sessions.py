@@ -15,6 +15,7 @@ import pytest
 from carousel.service.auth import Limits, Tenant
 from carousel.service.errors import (
     AtCapacity,
+    InvalidInput,
     PositionMismatch,
     QueueFull,
     RateLimited,
@@ -55,16 +56,34 @@ class Scheduler:
 
 
 class Stream:
-    """A generation the test ends by hand (`produce`)."""
+    """A generation the test ends by hand (`produce`): a plain answer (no events), written
+    back by its watcher (the manager's writer, writeback.py) before it ends."""
+
+    streaming = False
 
     def __init__(self, record) -> None:
         self.row, self.position = record.row, record.position
+        self.delivered = record.position
+        self.cancelled = False
+        self.finish_reason = None
+        self.watcher = None
         self.done = asyncio.get_running_loop().create_future()
 
     def produce(self, n: int) -> None:
         self.row = np.array([float(self.row[0]) + n], dtype=np.float32)
         self.position += n
-        self.done.set_result(None)
+        self.finish_reason = "length"
+        if self.watcher is not None:
+            self.watcher.finish()
+        else:
+            self.end("length", self.position)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def end(self, reason: str, position: int) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class Model:
@@ -208,6 +227,49 @@ def test_the_session_cap_counts_every_way_a_session_comes_and_goes():
         assert await m.sweep() == 1 and m.held(alice) == 1
         await m.create(model, tenant=alice)
         assert m.held(alice) == 2 and m.held(bob) == 1
+
+    with_manager(test)
+
+
+def test_a_restored_session_is_the_importers_and_counts_toward_its_cap():
+    alice, bob = tenant("alice", max_sessions=2), tenant("bob", max_sessions=2)
+    row = np.array([7.0], dtype=np.float32)
+
+    async def test(m, model):
+        mine = await m.restore(model, row, 7, tenant=alice)  # whoever exported it
+        assert mine.owner == "alice" and m.held(alice) == 1
+        with pytest.raises(UnknownSession):
+            await m.get(mine.session_id, bob)
+        _, out = await m.step(mine.session_id, lambda mv: step(1), 7, tenant=alice)
+        assert out.position == 8 and float(out.row[0]) == 8.0
+        seq = await m.restore(model, row, 7, session_id="seq", tenant=alice)
+        with pytest.raises(TenantLimit):
+            await m.restore(model, row, 7, tenant=alice)
+        with pytest.raises(InvalidInput):  # another tenant's id is not bob's to replace
+            await m.restore(model, row, 7, session_id="seq", replace=True, tenant=bob)
+        again = await m.restore(model, row, 3, session_id="seq", replace=True, tenant=alice)
+        assert again is not seq and again.position == 3 and m.held(alice) == 2
+        await m.delete("seq", alice)
+        assert m.held(alice) == 1 and m.held(bob) == 0
+
+    with_manager(test)
+
+
+def test_a_generation_longer_than_the_ttl_keeps_its_session_and_its_retry():
+    alice = tenant("alice")
+
+    async def test(m, model):
+        record, _ = await m.create(model, ttl_s=0.4, step=step(2), tenant=alice)
+        stream = await m.start_stream(record.session_id, lambda mv, r: Stream(r), tenant=alice)
+        await asyncio.sleep(1.2)  # three TTLs: the writer touched it every half TTL
+        assert await m.sweep() == 0 and (await m.get(record.session_id, alice)).position == 2
+        assert record.last_start == 0  # a touch writes nothing new: the retry still answers
+        stream.produce(3)
+        await m.wait_idle(timeout=5)
+        assert (await m.get(record.session_id, alice)).position == 5
+        await asyncio.sleep(0.5)  # idle from the final write on: it expires
+        with pytest.raises(UnknownSession):
+            await m.get(record.session_id, alice)
 
     with_manager(test)
 
