@@ -34,6 +34,7 @@ from .errors import (
     ApiError,
     CarouselError,
     ConnectionFailed,
+    GatewayError,
     GenerationInterrupted,
     InvalidRequest,
     NotFound,
@@ -60,10 +61,10 @@ from .types import (
 
 __all__ = [
     "DEFAULT_URL", "ApiError", "AsyncClient", "AsyncSession", "AsyncSessionSocket",
-    "AsyncTextStream", "CarouselError", "Client", "ConnectionFailed", "Generation",
-    "GenerationEnd", "GenerationInterrupted", "InvalidRequest", "ModelInfo", "NotFound",
-    "NotSupported", "PositionMismatch", "Prediction", "ProtocolError", "Retry", "ServerError",
-    "Session", "SessionInfo", "SessionSocket", "StepResult", "TextStream", "Timeout",
-    "TopToken", "TransportError", "Unavailable", "UnknownModel", "UnknownSession",
+    "AsyncTextStream", "CarouselError", "Client", "ConnectionFailed", "GatewayError",
+    "Generation", "GenerationEnd", "GenerationInterrupted", "InvalidRequest", "ModelInfo",
+    "NotFound", "NotSupported", "PositionMismatch", "Prediction", "ProtocolError", "Retry",
+    "ServerError", "Session", "SessionInfo", "SessionSocket", "StepResult", "TextStream",
+    "Timeout", "TopToken", "TransportError", "Unavailable", "UnknownModel", "UnknownSession",
     "__version__",
 ]
