@@ -2,7 +2,7 @@
 
 The Dockerfile installs dependencies in a layer of their own, before the source is copied,
 so editing code reuses that layer; this gives it the list pip would otherwise read from the
-package. Extras that name the project itself (`carousel[train,redis]`) are followed.
+package. Extras that name the project itself (`carousel[train,bench]`) are followed.
 
     python requirements.py pyproject.toml [EXTRA ...]
 """

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from . import views
+from . import portable, views
 from .dataplane import DataPlane
 from .errors import RequestTooLarge
 from .runtime import Service
@@ -109,12 +109,22 @@ async def predict(request: Request) -> Response:
 # ---------------------------------------------------------------------------- sessions
 
 
-@route("POST", "/v1/sessions", "Create a session (optionally primed with input)",
+@route("POST", "/v1/sessions", "Create a session (optionally primed with input), or restore "
+       "one from its portable state ({\"state\": base64} or the raw blob with its media type)",
        body=CreateSessionRequest, status=201)
 async def create_session(request: Request) -> Response:
     dp = plane(request)
     body = await read_body(request, dp.settings.max_body_bytes)
-    return json_response(await dp.create_session(body, request.scope), 201)
+    return json_response(await dp.create_session(
+        body, request.scope, request.headers.get("content-type", "")), 201)
+
+
+@route("GET", "/v1/sessions/{session_id}/state",
+       f"The session as a portable blob ({portable.MEDIA_TYPE}; see README)")
+async def export_session(request: Request) -> Response:
+    blob = await plane(request).export_session(request.path_params["session_id"],
+                                               request.scope)
+    return Response(blob, media_type=portable.MEDIA_TYPE)
 
 
 @route("POST", "/v1/sessions/{session_id}/step",

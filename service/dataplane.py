@@ -11,14 +11,23 @@ of it batch together.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import views
+from . import portable, views
 from .bytelm import Answer, digest
-from .errors import EmptyInput, InvalidInput, RequestTooLarge, TooManyTokens, UnsupportedModel
+from .errors import (
+    EmptyInput,
+    InvalidInput,
+    InvalidState,
+    RequestTooLarge,
+    TooManyTokens,
+    UnsupportedModel,
+)
 from .generation import Generation
 from .registry import ModelVersion
 from .sampling import SamplingParams
@@ -26,6 +35,7 @@ from .schemas import (
     CreateSessionRequest,
     ForkRequest,
     GenerateRequest,
+    ImportSessionRequest,
     PredictRequest,
     StepRequest,
     parse,
@@ -131,8 +141,19 @@ class DataPlane:
             outputs.append({"length": len(x), **fields})
         return {"model": mv.name, "version": mv.version, "outputs": outputs}
 
-    async def create_session(self, body: bytes, scope: dict) -> dict:
+    async def create_session(self, body: bytes, scope: dict, content_type: str = "") -> dict:
+        """A new session: from a model (optionally primed), or from a portable session's
+        blob, sent raw (its media type) or as {"state": base64} (import_session)."""
         self.service.check_accepting()
+        if content_type.split(";")[0].strip().lower() == portable.MEDIA_TYPE:
+            return await self.import_session(body, None, scope)
+        if b'"state"' in body:
+            req = parse(ImportSessionRequest, body)
+            try:
+                blob = base64.b64decode(req.state, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidState("state: not base64") from None
+            return await self.import_session(blob, req.ttl_s, scope)
         req: CreateSessionRequest = parse(CreateSessionRequest, body)
         tokens = to_tokens(req.text, req.tokens, required=False,
                            limit=self.settings.max_tokens_per_request)
@@ -226,6 +247,24 @@ class DataPlane:
         record = await self.service.sessions.get(session_id)
         scope["carousel.model"] = record.model
         return views.session_body(record)
+
+    async def import_session(self, blob: bytes, ttl_s: float | None, scope: dict) -> dict:
+        meta, arrays = portable.read_meta(blob)
+        mv = self.model(meta["model"], meta["version"])
+        if not mv.is_lm:
+            raise UnsupportedModel(
+                f"model {mv.name!r} is a tensor model: restore its state as a v2 sequence "
+                f"(PUT /v2/models/{mv.name}/sequences/{{sequence_id}}/state)")
+        row = portable.to_row(meta, arrays, mv)
+        record = await self.service.sessions.restore(mv, row, meta["position"], ttl_s)
+        scope["carousel.model"] = record.model
+        return views.session_body(record)
+
+    async def export_session(self, session_id: str, scope: dict) -> bytes:
+        """The session as a portable blob (portable.py)."""
+        record = await self.service.sessions.get(session_id)
+        scope["carousel.model"] = record.model
+        return portable.export(record, self.model(record.model, record.version))
 
     async def delete_session(self, session_id: str) -> None:
         await self.service.sessions.delete(session_id)

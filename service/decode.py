@@ -40,6 +40,7 @@ class Stream(Protocol):
     finish_reason: str | None
 
     def emit(self, value, final: bool) -> None: ...  # a fed value, on the event loop
+    def rested(self) -> None: ...  # a run ended and it goes on: `row` holds all it was fed
     def finish(self, reason: str) -> None: ...
 
 

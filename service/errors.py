@@ -7,9 +7,11 @@ routes and the WebSocket both render it with `error_body`. The codes:
 |--------|--------------------|----------------------------------------------------------------|
 | 400    | invalid_json       | the body is not JSON (or not UTF-8)                            |
 | 400    | invalid_v2_request | an Open Inference Protocol (v2) request the codec cannot parse |
+| 400    | invalid_state      | a portable session blob that cannot be read (portable.py)      |
 | 404    | not_found          | no such path                                                   |
 | 405    | method_not_allowed | the path exists, the method does not                           |
 | 409    | position_mismatch  | a step's `position` is not the session's (error has `position`)|
+| 409    | model_mismatch     | a session's state was made by another build of its model       |
 | 413    | request_too_large  | body over `max_body_bytes`, or more inputs than allowed        |
 | 413    | too_many_tokens    | input over `max_tokens_per_request`                            |
 | 422    | invalid_input      | wrong shape or type, value out of range, unknown field         |
@@ -23,6 +25,8 @@ routes and the WebSocket both render it with `error_body`. The codes:
 | 503    | queue_full         | the model's work queue is full (has Retry-After)               |
 | 503    | not_ready          | models are still loading or the store is unreachable           |
 | 503    | shutting_down      | the server is draining after SIGTERM                           |
+| 503    | store_unavailable  | the session store (Redis) cannot be reached (has Retry-After)  |
+| 503    | session_busy       | another replica is generating on the session (has Retry-After) |
 | 500    | inference_failed   | onnxruntime failed on a batch (never caused by input)          |
 | 500    | internal_error     | a bug; the message says no more                                |
 """
@@ -64,6 +68,12 @@ class MethodNotAllowed(ServiceError):
 
 class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
+
+
+class InvalidState(ServiceError):
+    """A portable session blob (GET /v1/sessions/{id}/state) that cannot be read."""
+
+    status, code = 400, "invalid_state"
 
 
 class InvalidV2Request(InvalidInput):
@@ -126,6 +136,13 @@ class PositionMismatch(ServiceError):
         self.position = position
 
 
+class ModelMismatch(ServiceError):
+    """A session whose state was made by another build of its model version (the manifest's
+    sha256 differs): state from other weights would silently give wrong answers."""
+
+    status, code = 409, "model_mismatch"
+
+
 class Unavailable(ServiceError):
     """503s: the client should come back later."""
 
@@ -146,6 +163,23 @@ class NotReady(Unavailable):
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
+
+
+class StoreUnavailable(Unavailable):
+    """The session store cannot be reached; nothing was applied that the client was told
+    about, and a retry with `position` is safe."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the session store cannot be reached; retry shortly",
+                 *, retry_after: float = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class SessionBusy(Unavailable):
+    """Another replica holds the session's generation lease."""
+
+    code = "session_busy"
 
 
 class InferenceFailed(ServiceError):

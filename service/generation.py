@@ -6,6 +6,11 @@ event loop calls `emit` with it. A generation's consumer (the SSE or WebSocket s
 a plain response) reads `events()` or waits on `done`. Every emitted token has already been
 consumed by the state, so wherever a generation stops, the session holds exactly the
 tokens its client saw.
+
+A generation on a session has a `watcher` (sessions.py's writer): then finishing does not
+end it at once. The watcher writes the state back first (and checkpoints it as it goes,
+from `rested`, for tokens whose events `delivered` says the consumer has taken), and ends
+it with `end`, whose event says where the session is.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class EndEvent:
-    finish_reason: str  # stop | length | cancelled | shutdown | error
+    finish_reason: str  # stop | length | cancelled | shutdown | error | lease_lost |
+    #                     store_unavailable (the last two: the session kept only `position`)
     position: int
 
 
@@ -77,6 +83,8 @@ class Generation:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.in_flight = False  # in a decode run (owned by the scheduler meanwhile)
+        self.watcher = None  # writes the session back before the end (sessions.py)
+        self.delivered = position  # position of the last event the consumer has taken
         self._out = bytearray()
         self._utf8 = Utf8Stream() if stream else None
         self._events: list[TokenEvent | EndEvent] | None = [] if stream else None
@@ -95,9 +103,16 @@ class Generation:
         """The uniform draw for the next sampled token."""
         return self.rng.random()
 
+    @property
+    def streaming(self) -> bool:
+        """Whether a consumer takes events as they come (else the answer is sent whole)."""
+        return self._events is not None
+
     def cancel(self) -> None:
         """The consumer is gone: leave at the next iteration boundary."""
         self.cancelled = True
+        if self.watcher is not None:
+            self.watcher.delivered()  # it waits for no consumer any more
 
     def emit(self, token: int, final: bool) -> None:
         """A fed token becomes output (and an event); `final` when it is the last one."""
@@ -106,13 +121,29 @@ class Generation:
         if self._utf8 is not None:
             self._emit(TokenEvent(token, self._utf8.feed(token, final), self.position))
 
+    def rested(self) -> None:
+        """A decode run ended and the generation goes on: `row` holds everything fed."""
+        if self.watcher is not None:
+            self.watcher.rested()
+
     def finish(self, reason: str) -> None:
+        """Nothing more is fed (the scheduler is done with it); it ends now, or once its
+        watcher has written the session back."""
         if self.finish_reason is not None:
             return
         self.finish_reason = reason
-        self._emit(EndEvent(reason, self.position))
-        if not self.done.done():
-            self.done.set_result(None)
+        if self.watcher is not None:
+            self.watcher.finish()
+        else:
+            self.end(reason, self.position)
+
+    def end(self, reason: str, position: int) -> None:
+        """The end: its event, with the position the session is at."""
+        if self.done.done():
+            return
+        self.finish_reason = reason
+        self._emit(EndEvent(reason, position))
+        self.done.set_result(None)
 
     def _emit(self, event: TokenEvent | EndEvent) -> None:
         if self._events is None:
@@ -133,3 +164,7 @@ class Generation:
             yield batch
             if isinstance(batch[-1], EndEvent):
                 return
+            # Asked for more: the consumer has sent everything it was given.
+            self.delivered = batch[-1].position
+            if self.watcher is not None:
+                self.watcher.delivered()

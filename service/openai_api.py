@@ -44,6 +44,7 @@ from .errors import (
     PositionMismatch,
     ServiceError,
     ShuttingDown,
+    StoreUnavailable,
 )
 from .generation import EndEvent, Generation, TokenEvent
 from .openai_schemas import (
@@ -167,6 +168,8 @@ def failure(finish_reason: str) -> ServiceError | None:
     if finish_reason == "shutdown":
         return ShuttingDown("the server shut down during the completion; retry on another "
                             "instance", retry_after=1)
+    if finish_reason in ("lease_lost", "store_unavailable"):  # the session kept none of it
+        return StoreUnavailable("the session store lost the completion; retry it")
     return InferenceFailed(f"the completion ended early ({finish_reason}); retry it")
 
 

@@ -14,7 +14,9 @@ two threads at once was measured slower: the event loop, which reads and answers
 step, loses its core.) Streams run as decode runs (decode.py): the threads step them
 iteration after iteration by themselves, on every thread when nothing else is queued, on the
 last one only while steps are (so neither waits for the other), until new work, a joining
-or ending stream, or shutdown needs the event loop.
+or ending stream, or shutdown needs the event loop, or (with `checkpoint_tokens` /
+`checkpoint_s` set, for a shared store) half a checkpoint interval has passed, so that
+the streams' rows come out for their sessions to write (sessions.py).
 
 Rules a batch respects:
 - never two rows of one session (`key`) in a batch; a session's work keeps its order;
@@ -203,6 +205,9 @@ class Scheduler:
         self._closed = False
         # A decode run gives its thread back when this is set.
         self._interrupt = False
+        # Decode runs also stop every half of these (0: never), for checkpoints.
+        self.checkpoint_tokens = 0
+        self.checkpoint_s = 0.0
         self.batches = 0  # iterations run, for tests and /metrics
 
     # ---------------------------------------------------------------- what callers use
@@ -499,8 +504,16 @@ class Scheduler:
         def post(group: list[Stream], fed: list, reasons: list, seconds: float) -> None:
             loop.call_soon_threadsafe(self._deliver, group, fed, reasons, seconds)
 
-        def should_stop() -> bool:
-            return self._interrupt or any(s.cancelled for s in streams)
+        started = time.perf_counter()
+        rounds = 0
+        tokens, seconds = self.checkpoint_tokens / 2, self.checkpoint_s / 2
+
+        def should_stop() -> bool:  # once a round (every stream fed one more)
+            nonlocal rounds
+            rounds += 1
+            return (self._interrupt or any(s.cancelled for s in streams)
+                    or (tokens and rounds >= tokens)
+                    or (seconds and time.perf_counter() - started >= seconds))
 
         try:
             run = await loop.run_in_executor(
@@ -520,6 +533,8 @@ class Scheduler:
                 stream.finish(reason)
             elif error is not None:
                 stream.finish("error")
+            else:
+                stream.rested()
         self._prune_finished()
         # Runs that share the streams end together, so the next run takes them all.
         self._interrupt = True

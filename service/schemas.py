@@ -48,6 +48,13 @@ class CreateSessionRequest(_Input, _Answer):
         description="idle time to live in seconds (default and maximum from settings)")
 
 
+class ImportSessionRequest(_Body):
+    state: str = Field(description="a portable session (GET /v1/sessions/{id}/state), base64")
+    ttl_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="idle time to live in seconds (default and maximum from settings)")
+
+
 class StepRequest(_Input, _Answer):
     position: int | None = Field(
         None, ge=0, description="where the client believes the session is; makes retries safe")

@@ -8,8 +8,9 @@ description is the help text of its `carousel serve` flag.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from carousel.paths import bundled_model_repository
@@ -79,7 +80,44 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight work may take to finish (s)"
     )
-    store_url: str = Field("memory://", description="session store (memory:// in this release)")
+    store_url: str = Field(
+        "memory://",
+        description="session store: memory:// (this process; see snapshot_path) or "
+        "redis://HOST:PORT/DB, rediss://... for TLS, shared by every replica (a password may "
+        "be in the URL: redis://:PASSWORD@HOST:PORT/DB)",
+    )
+    store_password: SecretStr | None = Field(
+        None, description="password for the Redis store when the URL has none"
+    )
+    store_timeout_s: float = Field(
+        2.0, gt=0, le=60,
+        description="longest wait for the Redis store before a request answers 503 "
+        "store_unavailable (seconds)",
+    )
+    store_cache_sessions: int = Field(
+        4096, ge=0,
+        description="sessions a replica keeps in memory beside the Redis store, so a step on "
+        "one needs no read (the write still checks it is current); 0: read every step",
+    )
+    snapshot_path: Path | None = Field(
+        None,
+        description="memory store only: on SIGTERM every live session is written here "
+        "(atomically), and loaded again at start",
+    )
+    checkpoint_tokens: int = Field(
+        256, ge=0,
+        description="Redis store: a generation's state is written to the store at least "
+        "every this many tokens (0: not by tokens)",
+    )
+    checkpoint_ms: float = Field(
+        250.0, ge=0,
+        description="Redis store: ... and at least every this many ms (0: not by time)",
+    )
+    lease_s: float = Field(
+        5.0, gt=0, le=600,
+        description="a generation's lease on its session: another replica may continue the "
+        "session this long after the one generating died (seconds)",
+    )
     log_level: str = Field("info", description="log level: debug, info, warning, error")
     access_log: bool = Field(False, description="log every request (costs throughput)")
 
@@ -94,6 +132,27 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, value: str) -> str:
-        if not value.startswith("memory://"):
-            raise ValueError("store_url: only memory:// is supported in this release")
+        if value.startswith("memory://"):
+            return value
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss") or not url.hostname:
+            raise ValueError("store_url must be memory:// or redis://HOST:PORT/DB "
+                             "(rediss:// for TLS)")
+        # The database number is required: replicas must agree on it, and sessions should
+        # not land in database 0 beside whatever else uses it by default.
+        db = url.path.lstrip("/")
+        if not (db.isascii() and db.isdigit()):
+            raise ValueError(f"store_url {url.scheme}://{url.hostname}...: add the database "
+                             "number, e.g. redis://localhost:6379/0")
+        try:
+            url.port  # noqa: B018 - raises for a bad port
+        except ValueError as e:
+            raise ValueError(f"store_url: {e}") from None
         return value
+
+    @model_validator(mode="after")
+    def _snapshot_needs_memory(self) -> Settings:
+        if self.snapshot_path is not None and not self.store_url.startswith("memory://"):
+            raise ValueError("snapshot_path is for the memory store; a Redis store keeps the "
+                             "sessions itself")
+        return self

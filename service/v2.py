@@ -5,6 +5,10 @@ application/octet-stream with binary tensors), decode it with v2codec, call the 
 plane (v2plane.py), encode the answer. Errors are the protocol's `{"error": "<message>"}`:
 404 for an unknown model or version, 413 for a body over the limit, 503 (with Retry-After)
 while the server cannot take work, 400 for anything else a client can send.
+
+Beyond the protocol, `GET|PUT /v2/models/{name}/sequences/{sequence_id}/state` move a
+sequence's state out and back in as a portable blob (portable.py): a sequence continued on
+another server, or after its state was kept elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from carousel import __version__
 
 from .api import read_body
 from .errors import ServiceError
+from .portable import MEDIA_TYPE
 from .v2codec import encode_error, parse_header_length, parse_infer_request
 
 JSON = "application/json"
@@ -87,6 +92,21 @@ async def infer(request: Request) -> Response:
     return Response(payload, media_type=content_type, headers=headers)
 
 
+async def export_sequence(request: Request) -> Response:
+    p = request.path_params
+    request.scope["carousel.model"] = p["name"]
+    blob = await _plane(request).export_sequence(p["name"], p["sequence_id"])
+    return Response(blob, media_type=MEDIA_TYPE)
+
+
+async def import_sequence(request: Request) -> Response:
+    p = request.path_params
+    svc = request.app.state.service
+    body = await read_body(request, svc.settings.max_body_bytes)
+    request.scope["carousel.model"] = p["name"]
+    return _json(await _plane(request).import_sequence(p["name"], p["sequence_id"], body))
+
+
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
 
@@ -100,4 +120,9 @@ ROUTES = [
     Route(_VERSION, _endpoint(model_metadata), methods=["GET"]),
     Route(_MODEL + "/ready", _endpoint(model_ready), methods=["GET"]),
     Route(_VERSION + "/ready", _endpoint(model_ready), methods=["GET"]),
+    # carousel's own: a sequence's state as a portable blob, out and back in (portable.py)
+    Route(_MODEL + "/sequences/{sequence_id}/state", _endpoint(export_sequence),
+          methods=["GET"]),
+    Route(_MODEL + "/sequences/{sequence_id}/state", _endpoint(import_sequence),
+          methods=["PUT"]),
 ]

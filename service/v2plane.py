@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InvalidInput, RequestTooLarge, UnknownSession
+from . import portable
+from .errors import InvalidInput, NotFound, RequestTooLarge, UnknownSession
 from .registry import ModelVersion
 from .sessions import Step
 from .v2codec import (
@@ -45,6 +46,13 @@ def sequence_key(mv: ModelVersion, sequence_id: int | str) -> str:
     session id (those are URL-safe base64), typed so the int 1 and the string "1" differ."""
     kind = "i" if isinstance(sequence_id, int) else "s"
     return f"~seq~{mv.name}~{kind}~{sequence_id}"
+
+
+def parse_sequence_id(raw: str) -> int | str:
+    """A sequence id from a URL: ASCII digits are an integer id, anything else a string."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) < 2**64:
+        return int(raw)
+    return raw
 
 
 class V2Plane:
@@ -143,6 +151,34 @@ class V2Plane:
             except UnknownSession:
                 pass  # expired or ended meanwhile: the answer stands
         return self._result(mv, row, result)
+
+    # ------------------------------------------------------------------ portable state
+
+    async def export_sequence(self, name: str, raw_id: str) -> bytes:
+        """A sequence's state as a portable blob (portable.py)."""
+        mv = self.model(name, None)
+        seq_id = parse_sequence_id(raw_id)
+        try:
+            record = await self.service.sessions.get(sequence_key(mv, seq_id))
+        except UnknownSession:
+            raise NotFound(f"model '{mv.name}' has no sequence {seq_id!r}") from None
+        return portable.export(record, self.model(record.model, str(record.version)))
+
+    async def import_sequence(self, name: str, raw_id: str, blob: bytes) -> dict:
+        """Start (or restart) a sequence from a portable blob; its next request continues
+        it without sequence_start."""
+        self.service.check_accepting()
+        meta, arrays = portable.read_meta(blob)
+        if meta["model"] != name:
+            raise InvalidV2Request(f"the blob is a session of model {meta['model']!r}, "
+                                   f"not {name!r}")
+        mv = self.model(name, str(meta["version"]))
+        seq_id = parse_sequence_id(raw_id)
+        row = portable.to_row(meta, arrays, mv)
+        record = await self.service.sessions.restore(
+            mv, row, meta["position"], session_id=sequence_key(mv, seq_id), replace=True)
+        return {"model_name": mv.name, "model_version": str(mv.version),
+                "sequence_id": seq_id, "position": record.position}
 
     def _rows(self, mv: ModelVersion, tensors: dict[str, np.ndarray]) -> list[Step]:
         """The request's batch as one step per row (batch axes removed), each checked by

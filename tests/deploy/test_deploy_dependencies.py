@@ -102,7 +102,7 @@ def test_requirements_script_follows_self_referencing_extras(repo):
     names = {canonicalize_name(Requirement(r).name) for r in out}
     project = pyproject(repo)["project"]
     expected = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
-    for extra in ("test", "train", "redis", "bench"):
+    for extra in ("test", "train", "bench"):
         expected |= {
             canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"][extra]
         }
