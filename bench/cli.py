@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import limit, profile, report, scenarios, servers
+from . import limit, profile, report, scenarios, servers, store
 from . import plan as plans
 from .graph import GraphRunner, ModelVersion, export_random_model, find_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("limit", "step_http", "step_ws", "generate", "predict", "memory")
+EXTRA_SCENARIOS = ("store",)  # run only when asked for (and given --store-url)
 SERVERS = ("floor", "naive", "carousel")
 LOWER_FLOORS = ("floor-starlette", "floor-asgi")  # measured at FLOOR_LEVEL sessions only
 FLOOR_LEVEL = 64
@@ -38,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help="comma-separated subset of " + ",".join(SERVERS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated subset of " + ",".join(SCENARIOS))
+                        help="comma-separated subset of " + ",".join(SCENARIOS)
+                        + " (default: all), or " + ",".join(EXTRA_SCENARIOS))
+    parser.add_argument("--store-url", default=None, metavar="redis://HOST:PORT/DB",
+                        help="the Redis for the store scenario (a database of its own: it is "
+                        "flushed before and after)")
     parser.add_argument("--levels", default=None,
                         help="concurrent sessions for step and generate, e.g. 1,64")
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario (median)")
@@ -203,7 +208,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
             log(f"  limit {label}: " + ", ".join(
                 f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())
                 + f", prefill {r['prefill']['ms']:.1f} ms")
-    for kind in kinds:
+    for kind in kinds if chosen & {"step_http", "step_ws", "generate", "predict"} else []:
         run_server_scenarios(kind, model, runner, plan, chosen, results, args.out, carousel_env)
     if "step_http" in chosen and "floor" in kinds:
         # What each layer of the stack costs: the floor again without FastAPI, and bare ASGI.
@@ -227,6 +232,11 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                 f"(state {model.state_bytes} B), rss {m.get('rss_bytes')}")
     if args.profile and "carousel" in kinds:
         results["profile"] = run_profiles(model, runner, plan, args.out, carousel_env)
+    if "store" in chosen:
+        if not args.store_url:
+            raise SystemExit("the store scenario needs --store-url redis://HOST:PORT/DB")
+        results["store"] = store.run(model, runner, plan, args.out, carousel_env,
+                                     args.store_url)
     results["meta"]["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     paths = report.write(results, args.out)
@@ -236,6 +246,8 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
     checks += [r.get("correct") for kind, per_level in results["scenarios"].items()
                if kind != "memory" for per_server in per_level.values()
                for r in per_server.values()]
+    checks += [r.get("correct") for found in results.get("store", {}).get("configs", {}).values()
+               for r in found.values()]
     wrong = [c for c in checks if c and not c["ok"]]
     # Benchmarks assert nothing about time, but a wrong answer is a failure.
     return 1 if wrong else 0

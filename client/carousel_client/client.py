@@ -93,8 +93,9 @@ class _ClientSurface:
         return self._open(_attached(self._retry, state), keep)
 
     def import_session(self, blob: bytes, *, ttl_s: float | None = None, keep: bool = False):
-        """A new session from `Session.export_state()`'s blob. Needs a server with portable
-        sessions (POST /v1/sessions taking a "state"); others raise NotSupported."""
+        """A new session from `Session.export_state()`'s blob, on this server or another
+        serving the same model build. A server without portable sessions (before they came)
+        raises NotSupported."""
         return self._open(_with_no_priming(ops.import_session(self._retry, blob, ttl_s)), keep)
 
 
@@ -166,8 +167,9 @@ class _SessionSurface(_Stepping):
         return self._driver.run(ops.info(self._retry, self._state))
 
     def export_state(self):
-        """The session as a portable blob (bytes) for `client.import_session`. Needs a server
-        with portable sessions (GET /v1/sessions/{id}/state); others raise NotSupported."""
+        """The session as a portable blob (bytes: the npz file GET /v1/sessions/{id}/state
+        answers) for `client.import_session`. A server without portable sessions raises
+        NotSupported."""
         return self._driver.run(ops.export_state(self._retry, self._state))
 
     def delete(self):

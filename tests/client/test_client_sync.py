@@ -12,7 +12,6 @@ from carousel_client import (
     Client,
     GenerationEnd,
     InvalidRequest,
-    NotSupported,
     PositionMismatch,
     StepResult,
     UnknownModel,
@@ -177,15 +176,22 @@ def test_a_stale_position_is_refused_with_the_real_one(client, api):
         assert s.sync_position() == 7 and s.step("h").position == 8
 
 
-def test_export_and_import_need_portable_sessions(client, api):
-    """Today's server has no GET /v1/sessions/{id}/state and no "state" on create: both are
-    refused cleanly, with the server's code, and change nothing."""
+def test_export_and_import_move_a_session(client, api):
+    """A portable session's real round trip: the exported blob restores as a new session at
+    the same position whose steps answer exactly what the original's do; a blob that is not
+    one is refused with the server's 400 and creates nothing."""
     with client.session("tinylstm", "abc") as s:
-        with pytest.raises(NotSupported) as e:
-            s.export_state()
-        assert (e.value.code, e.value.status) == ("not_found", 404)
-        assert "portable sessions" in e.value.message
-        with pytest.raises(NotSupported) as e:
+        s.step("def")
+        blob = s.export_state()
+        assert isinstance(blob, bytes) and blob[:2] == b"PK"  # an npz (zip) file
+        with client.import_session(blob) as moved:
+            assert moved.id != s.id and moved.position == s.position == 6
+            a, b = s.step("g"), moved.step("g")
+            assert (a.position, [t.token for t in a.top_k]) == (
+                b.position, [t.token for t in b.top_k])
+            assert [t.logprob for t in a.top_k] == [t.logprob for t in b.top_k]
+            assert api.position(moved.id) == 7
+        with pytest.raises(InvalidRequest) as e:
             client.import_session(b"\x00state")
-        assert e.value.status == 422 and "portable sessions" in e.value.message
-        assert api.position(s.id) == 3
+        assert (e.value.code, e.value.status) == ("invalid_state", 400)
+        assert api.position(s.id) == 7
