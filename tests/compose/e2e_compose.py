@@ -32,6 +32,7 @@ import asyncio
 import json
 import random
 import secrets
+import subprocess
 import sys
 import time
 import traceback
@@ -467,6 +468,15 @@ def main() -> int:
     ref = Reference(REPO / "models" / MODEL / "1")
     log(f"e2e-compose: project {args.project}, image {args.image}, {args.replicas} replicas, "
         f"load balancer on {stack.url}, Prometheus on {stack.prometheus_url}")
+    try:
+        engine = stack.docker("version", "--format", "{{.Server.Version}}", timeout=30).strip()
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        log(f"e2e-compose: no container engine answers ({e}). It needs Docker, or the podman "
+            "lab: ../shared/lab/containers setup, then export "
+            "DOCKER_HOST=unix:///run/podman/podman.sock DOCKER_BUILDKIT=0")
+        return 2
+    log(f"engine: {engine}; compose: "
+        f"{stack.docker('compose', 'version', '--short', timeout=30).strip()}")
     passed = False
     try:
         stack.down()  # what an interrupted run left behind
