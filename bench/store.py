@@ -74,16 +74,27 @@ def run(model: ModelVersion, runner: GraphRunner, plan: Plan, out: Path, carouse
     with _redis(store_url) as r:
         r.flushdb()
     redis_pid = _redis_pid(store_url)
-    results: dict = {"store_url": store_url, "configs": {}}
+    results: dict = {"store_url": store_url, "configs": {}, "rounds": plan.reps}
+    one = Plan(**{**plan.to_dict(), "reps": 1, "predict": []})
+    runs: dict[str, list[dict]] = {name: [] for name, _ in CONFIGS}
     try:
-        for name, extra in CONFIGS:
-            env = {**carousel_env, **extra}
-            if name != "memory":
-                env["CAROUSEL_STORE_URL"] = store_url
-            results["configs"][name] = measure_config(model, runner, plan, out, env,
-                                                      redis_pid, name)
-            with _redis(store_url) as r:
-                r.flushdb()
+        # Rounds of every configuration in turn, so that a machine whose load drifts (other
+        # work shares the cores) weighs on all of them alike; ratios are taken per round.
+        for _ in range(plan.reps):
+            for name, extra in CONFIGS:
+                env = {**carousel_env, **extra}
+                if name != "memory":
+                    env["CAROUSEL_STORE_URL"] = store_url
+                runs[name].append(measure_config(model, runner, one, out, env, redis_pid,
+                                                 name))
+                with _redis(store_url) as r:
+                    r.flushdb()
+        for name, found in runs.items():
+            results["configs"][name] = {sc: scenarios.median_of([f[sc] for f in found], None)
+                                        for sc in found[0]}
+            for sc in found[0]:
+                results["configs"][name][sc]["correct"] = {
+                    "ok": all(f[sc].get("correct", {}).get("ok") for f in found)}
         results["failover"] = failover(model, out, {**carousel_env,
                                                     "CAROUSEL_STORE_URL": store_url})
         with _redis(store_url) as r:
@@ -94,7 +105,7 @@ def run(model: ModelVersion, runner: GraphRunner, plan: Plan, out: Path, carouse
     finally:
         with _redis(store_url) as r:
             r.flushdb()
-    results["ratios"] = ratios(results["configs"])
+    results["ratios"] = ratios(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "store.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "store.md").write_text(markdown(results))
@@ -130,21 +141,25 @@ def measure_config(model, runner, plan, out, env, redis_pid, name) -> dict:
     return found
 
 
-def ratios(configs: dict) -> dict:
-    """Each Redis configuration against the memory store: tokens/s and p99 latency."""
-    base = configs["memory"]
+def ratios(runs: dict[str, list[dict]]) -> dict:
+    """Each Redis configuration against the memory store, tokens/s and p99 latency: the
+    median over rounds of each round's ratio."""
+    base = runs["memory"]
     out = {}
-    for name, found in configs.items():
+    for name, found in runs.items():
         if name == "memory":
             continue
         out[name] = {}
-        for scenario, r in found.items():
-            b = base[scenario]
+        for scenario in found[0]:
             key = "latency_ms" if scenario == "step_http" else "inter_token_ms"
-            out[name][scenario] = {
-                "tokens_per_s": r.get("tokens_per_s", 0) / (b.get("tokens_per_s") or 1),
-                "p99": (r.get(key) or {}).get("p99", 0) / ((b.get(key) or {}).get("p99") or 1),
-            }
+            rate, p99 = [], []
+            for r, b in zip((f[scenario] for f in found), (f[scenario] for f in base),
+                            strict=True):
+                rate.append(r.get("tokens_per_s", 0) / (b.get("tokens_per_s") or 1))
+                p99.append((r.get(key) or {}).get("p99", 0) / ((b.get(key) or {}).get("p99")
+                                                              or 1))
+            out[name][scenario] = {"tokens_per_s": statistics.median(rate),
+                                   "p99": statistics.median(p99), "rounds": len(rate)}
     return out
 
 

@@ -42,6 +42,7 @@ from .errors import (
     InvalidInput,
     PositionMismatch,
     QueueFull,
+    ServiceError,
     SessionBusy,
     StoreUnavailable,
     UnknownSession,
@@ -231,8 +232,15 @@ class SessionManager:
             mv = step = None
             for _ in range(CONFLICT_ATTEMPTS):
                 if mv is None or (record.model, record.version) != (mv.name, mv.version):
-                    mv = self.registry.get(record.model, record.version)
-                    step = prepare(mv)
+                    try:
+                        mv = self.registry.get(record.model, record.version)
+                        step = prepare(mv)
+                    except ServiceError:
+                        if current:
+                            raise
+                        mv = None  # refuse only on what the store holds
+                        record, current = await self.get(session_id), True
+                        continue
                 if position is not None and position != record.position:
                     if not current:  # decide on what the store holds, not on a stale copy
                         record, current = await self.get(session_id), True
@@ -288,7 +296,7 @@ class SessionManager:
         fed is written back."""
         await self._locks.acquire(session_id)
         try:
-            record = self.store.cached(session_id) or await self.get(session_id)
+            record = await self.get(session_id)  # what the store holds (a cheap check)
             for _ in range(CONFLICT_ATTEMPTS):
                 mv = self.registry.get(record.model, record.version)
                 stream = make(mv, record)

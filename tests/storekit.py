@@ -52,15 +52,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *extra: str, password: str | None = None) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no"], stdout=log, stderr=subprocess.STDOUT)
+                 "--appendonly", "no", *extra], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.exceptions.ConnectionError):
-                with redis.Redis("127.0.0.1", self.port) as r:
+                with redis.Redis("127.0.0.1", self.port, password=password) as r:
                     if r.ping():
                         return
             time.sleep(0.05)
