@@ -3,6 +3,8 @@
 #   make serve   install what serving needs (no torch, no onnx) into .venv and serve the
 #                bundled models on 127.0.0.1:8000
 #   make test    install torch 2.13.0 and the test extra into .venv, run ruff and pytest
+#   make e2e-compose   the replicated stack (deploy/compose.replicas.yml) run for real: needs
+#                Docker or the podman lab, so it is not part of `make test` or .ci/run
 #
 # Both create .venv when it is missing; nothing needs installing by hand but Python 3.11+.
 
@@ -27,7 +29,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 LOCK := deploy/requirements-serve.txt
 
-.PHONY: help serve test lint lock image image-train clean
+.PHONY: help serve test lint lock image image-train e2e-compose clean
 
 help:
 	@echo "make serve        install the serving dependencies and serve ./models on $(HOST):$(PORT)"
@@ -37,6 +39,8 @@ help:
 	@echo "make lock         re-resolve $(LOCK): the serving versions the image and make test use"
 	@echo "make image        docker build the serving image as $(IMAGE)"
 	@echo "make image-train  docker build the training image as $(TRAIN_IMAGE)"
+	@echo "make e2e-compose  build $(IMAGE), run the replicated stack for real, check every session"
+	@echo "                  (needs Docker, or the podman lab; E2E_ARGS='--keep' leaves it up)"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -91,6 +95,14 @@ image:
 
 image-train:
 	docker build --target train --tag $(TRAIN_IMAGE) .
+
+# Redis, 3 replicas and HAProxy as a compose project of their own on free loopback ports:
+# 32 sessions stream through the load balancer, a replica is killed mid-stream, every
+# session is checked against onnxruntime, then every container restarted and checked again
+# (tests/compose/e2e_compose.py says what runs). Minutes, not seconds; removes what it made.
+E2E_ARGS ?=
+e2e-compose: $(VENV)/.installed-test image
+	$(BIN)/python tests/compose/e2e_compose.py --image $(IMAGE) $(E2E_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache

@@ -34,6 +34,7 @@ from .errors import (
     ApiError,
     CarouselError,
     ConnectionFailed,
+    GatewayError,
     GenerationInterrupted,
     InvalidRequest,
     NotFound,
@@ -62,11 +63,11 @@ from .types import (
 
 __all__ = [
     "DEFAULT_URL", "ApiError", "AsyncClient", "AsyncSession", "AsyncSessionSocket",
-    "AsyncTextStream", "CarouselError", "Client", "ConnectionFailed", "Generation",
-    "GenerationEnd", "GenerationInterrupted", "InvalidRequest", "ModelInfo", "NotFound",
-    "NotSupported", "PositionMismatch", "Prediction", "ProtocolError", "RateLimited", "Retry",
-    "ServerError", "Session", "SessionInfo", "SessionSocket", "StepResult", "TextStream",
-    "Timeout", "TopToken", "TransportError", "Unauthorized", "Unavailable", "UnknownModel",
-    "UnknownSession",
+    "AsyncTextStream", "CarouselError", "Client", "ConnectionFailed", "GatewayError",
+    "Generation", "GenerationEnd", "GenerationInterrupted", "InvalidRequest", "ModelInfo",
+    "NotFound", "NotSupported", "PositionMismatch", "Prediction", "ProtocolError",
+    "RateLimited", "Retry", "ServerError", "Session", "SessionInfo", "SessionSocket",
+    "StepResult", "TextStream", "Timeout", "TopToken", "TransportError", "Unauthorized",
+    "Unavailable", "UnknownModel", "UnknownSession",
     "__version__",
 ]

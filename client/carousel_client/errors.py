@@ -22,7 +22,8 @@ could not be read:
     │   └── NotSupported            the server has no such feature (yet)
     ├── TransportError            no (whole) answer: the request may or may not have applied
     │   ├── ConnectionFailed
-    │   └── Timeout
+    │   ├── Timeout
+    │   └── GatewayError            502/504 from a load balancer: the server's answer was lost
     ├── ProtocolError             an answer that is not what the API says (bad JSON, fields)
     └── GenerationInterrupted     a streamed generation stopped before its end event
 
@@ -165,6 +166,25 @@ class Timeout(TransportError):
 
     def __init__(self, message: str, *, may_have_applied: bool) -> None:
         super().__init__(message, code="timeout", may_have_applied=may_have_applied)
+
+
+class GatewayError(TransportError):
+    """A gateway in front of the server (a load balancer) answered 502 or 504: it passed
+    the request on and the server's answer never came back (the server died, or was too
+    slow), so the request may have applied, as with a dropped connection. carousel itself
+    never answers 502 or 504. `code` and `message` are the gateway's when it sent them in
+    the API's error shape."""
+
+    code = "bad_gateway"
+
+    def __init__(self, message: str, *, code: str | None, status: int) -> None:
+        super().__init__(message, code=code or ("gateway_timeout" if status == 504
+                                                else "bad_gateway"), may_have_applied=True)
+        self.status = status
+
+
+# What a gateway answers when the server's answer was lost on the way.
+GATEWAY_STATUSES = (502, 504)
 
 
 class ProtocolError(CarouselError):

@@ -11,8 +11,9 @@ Exactly-once steps. A session's `SessionState.position` is the number of bytes t
 believes the session has consumed, and every step carries it. The server applies a step
 only at that position, and answers the exact same step again (same position, same tokens)
 by replaying the answer without applying it twice. So a step whose answer was lost (a
-dropped connection, a timeout) or that was refused with 503 + Retry-After is simply sent
-again, unchanged; whichever copy arrives first applies, any other is a replay. One case
+dropped connection, a timeout, a load balancer's 502) or that was refused with 503 +
+Retry-After is simply sent again, unchanged; whichever copy arrives first applies, any
+other is a replay. One case
 needs care: if the server can no longer replay (the session moved on in between), the retry
 gets `409 position_mismatch`; when the real position is exactly ours plus the step's length
 after an attempt that may have applied, the step did apply, and is reported as such.
@@ -111,7 +112,8 @@ class Retry:
     """When a failed request is sent again.
 
     Retried: a 503 with Retry-After (after that long, up to `max_retry_after_s`), and a
-    request that got no answer (connection failed or dropped, timeout), after `backoff_s`
+    request that got no answer (connection failed or dropped, timeout, a load balancer's
+    502 or 504), after `backoff_s`
     doubling up to `max_backoff_s`; at most `attempts` tries in all. Requests that cannot be
     applied twice (steps carry their position) or change nothing are retried on any of
     these; a generation only when it surely never reached the server. `on_retry(error,

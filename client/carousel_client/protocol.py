@@ -13,7 +13,14 @@ import datetime as dt
 import functools
 import json
 
-from .errors import STATUS_OF_CODE, ApiError, CarouselError, ProtocolError
+from .errors import (
+    GATEWAY_STATUSES,
+    STATUS_OF_CODE,
+    ApiError,
+    CarouselError,
+    GatewayError,
+    ProtocolError,
+)
 from .types import (
     Generation,
     GenerationEnd,
@@ -74,7 +81,8 @@ def retry_after(value: str | None) -> float | None:
 
 def error_from_body(status: int | None, content: bytes | str | dict,
                     retry_after_s: float | None = None) -> CarouselError:
-    """The server's error envelope as an ApiError; something else as a ProtocolError."""
+    """The server's error envelope as an ApiError; something else as a ProtocolError. A
+    gateway's 502 or 504 is a GatewayError, whatever its body: the answer was lost."""
     obj = content
     if not isinstance(obj, dict):
         try:
@@ -82,6 +90,13 @@ def error_from_body(status: int | None, content: bytes | str | dict,
         except (ValueError, UnicodeDecodeError):
             obj = None
     error = obj.get("error") if isinstance(obj, dict) else None
+    if status in GATEWAY_STATUSES:
+        error = error if isinstance(error, dict) else {}
+        code, message = error.get("code"), error.get("message")
+        return GatewayError(
+            message if isinstance(message, str) and message
+            else f"HTTP {status} from a gateway: the server's answer was lost",
+            code=code if isinstance(code, str) else None, status=status)
     if not isinstance(error, dict) or not isinstance(error.get("code"), str):
         text = content if isinstance(content, str) else repr(content)[:200]
         return ProtocolError(f"HTTP {status} without the API's error object: {text[:200]}",

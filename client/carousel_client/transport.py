@@ -26,6 +26,7 @@ from .errors import (
     ConnectionFailed,
     ProtocolError,
     Timeout,
+    TransportError,
 )
 from .ops import Call, CloseStream, Connect, NextEvent, OpenStream
 
@@ -189,8 +190,11 @@ class WsSettings:
     def connect_error(self, e: Exception) -> CarouselError:
         if isinstance(e, InvalidStatus):  # the handshake was answered with an HTTP error
             r = e.response
-            return protocol.error_from_body(r.status_code, r.body or b"",
-                                            protocol.retry_after(r.headers.get("Retry-After")))
+            error = protocol.error_from_body(r.status_code, r.body or b"",
+                                             protocol.retry_after(r.headers.get("Retry-After")))
+            if isinstance(error, TransportError):  # a gateway's 502: no frame was sent yet
+                error.may_have_applied = False
+            return error
         if isinstance(e, InvalidURI):
             return CarouselError(f"{self.url}: {e}", code="invalid_url")
         if isinstance(e, TimeoutError):

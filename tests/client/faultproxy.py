@@ -7,7 +7,9 @@ do:
 - `delay`: hold the request `delay_s` before forwarding it (a client with a shorter timeout
   gives up and retries while the original is still on its way);
 - `busy`: answer `503` with `Retry-After` itself, without forwarding (an overloaded front);
-- `cut`: relay `cut_after` bytes of the answer, then close (a stream broken mid-way).
+- `cut`: relay `cut_after` bytes of the answer, then close (a stream broken mid-way);
+- `gateway`: forward the request, let the server apply it, and answer `502` in its place
+  (a load balancer whose server died before its answer got through).
 
 It reads just enough HTTP to see where a request starts (its request line and headers,
 which it records) and when a connection becomes a WebSocket; after the upgrade every frame
@@ -28,6 +30,9 @@ REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
         b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s")
 BUSY_BODY = b'{"error":{"code":"queue_full","message":"the proxy is busy; retry later"}}'
+GATEWAY = (b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n"
+           b"connection: close\r\ncontent-length: %d\r\n\r\n%s")
+GATEWAY_BODY = b'{"error":{"code":"bad_gateway","message":"the server failed before answering"}}'
 
 
 @dataclass
@@ -70,6 +75,7 @@ class _Conn:
         self.websocket_path: str | None = None  # set once the upgrade is answered
         self.upgrade_path: str | None = None
         self.drop_on_answer = False
+        self.gateway_on_answer = False
         self.cut_left: int | None = None
 
 
@@ -154,6 +160,9 @@ class FaultProxy:
             elif fault == "drop":
                 self.stats["drop"] += 1
                 conn.drop_on_answer = True
+            elif fault == "gateway":
+                self.stats["gateway"] += 1
+                conn.gateway_on_answer = True
             elif fault == "cut":
                 self.stats["cut"] += 1
                 conn.cut_left = self.plan.cut_after
@@ -165,6 +174,10 @@ class FaultProxy:
         while chunk := await reader.read(65536):
             if conn.drop_on_answer:
                 return  # the server has answered, so it applied the request: drop it
+            if conn.gateway_on_answer:  # ...or say so, as a load balancer would
+                client_w.write(GATEWAY % (len(GATEWAY_BODY), GATEWAY_BODY))
+                await client_w.drain()
+                return
             if conn.upgrade_path and chunk.startswith(b"HTTP/1.1 101"):
                 conn.websocket_path, conn.upgrade_path = conn.upgrade_path, None
             if conn.cut_left is not None:
@@ -182,7 +195,8 @@ class FaultProxy:
         if conn.websocket_path is not None:  # a frame on an open socket
             self.stats["frames"] += 1
             fault = self._choose(conn.websocket_path)
-            return "pass" if fault == "busy" else fault  # no HTTP answers inside a socket
+            # no HTTP answers inside a socket
+            return "pass" if fault in ("busy", "gateway") else fault
         m = REQUEST_LINE.match(chunk)
         if m is None:
             return "pass"  # the rest of a request's body
@@ -197,7 +211,7 @@ class FaultProxy:
         if headers.get("upgrade", "").lower() == "websocket":
             conn.upgrade_path = path
         fault = self._choose(path)
-        if fault == "busy" and conn.upgrade_path:
+        if fault in ("busy", "gateway") and conn.upgrade_path:
             return "pass"
         return fault
 

@@ -21,6 +21,7 @@ from carousel_client import (
     AsyncClient,
     Client,
     ConnectionFailed,
+    GatewayError,
     GenerationInterrupted,
     Retry,
     Unavailable,
@@ -163,6 +164,37 @@ def test_a_generation_whose_answer_is_lost_is_not_resent(server, proxy, api):
             assert s.position == api.position(s.id) == 3 + 7  # applied once, read back
             assert s.step("d").position == 11
     assert proxy.stats["drop"] == 1 and proxy.stats["requests"] >= 4
+
+
+def test_a_load_balancers_502_after_the_step_applied_is_resent_and_replayed(
+        server, proxy, api, tiny, check):
+    """A gateway answers 502 in place of the server's answer (the replica behind it died
+    after applying the step): the SDK sends the very same step again, the server replays
+    it, and every step is in the session once."""
+    proxy.plan = Plan(paths=r"/step$", script=["gateway", "pass", "gateway", "gateway"])
+    rng = random.Random(4)
+    prime, chunks = "ab", random_chunks(rng, 6)
+    before = consumed(api, "tinylstm")
+    with Client(proxy.url, retry=PATIENT, trust_env=False) as client:
+        with client.session("tinylstm", prime, keep=True) as s:
+            results = [s.step(c) for c in chunks]
+    text = prime + "".join(chunks)
+    assert consumed(api, "tinylstm") - before == len(text.encode())
+    check_answers(results, text, tiny["tinylstm"], check)
+    check_final_state(api, tiny, check, "tinylstm", s.id, text)
+    assert proxy.stats["gateway"] == 3
+
+
+def test_a_generation_answered_502_by_a_gateway_is_not_resent(server, proxy, api):
+    proxy.plan = Plan(paths=r"/generate$", script=["gateway"])
+    with Client(proxy.url, retry=PATIENT, trust_env=False) as client:
+        with client.session("tinylstm", "abc") as s:
+            with pytest.raises(GatewayError) as e:
+                s.generate(max_tokens=7, seed=1)
+            assert (e.value.code, e.value.status, e.value.may_have_applied) == (
+                "bad_gateway", 502, True)
+            assert s.position == api.position(s.id) == 3 + 7  # applied once, read back
+    assert proxy.stats["gateway"] == 1 and proxy.stats["requests"] >= 3
 
 
 def test_a_503_with_retry_after_is_waited_out(start_server, tiny_repo, api_factory):

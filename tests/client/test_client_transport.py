@@ -19,9 +19,11 @@ from carousel_client import (
     CarouselError,
     Client,
     ConnectionFailed,
+    GatewayError,
     ProtocolError,
     Retry,
     ServerError,
+    TransportError,
 )
 
 
@@ -124,6 +126,9 @@ def broken():
         "/v1/models/html/predict": (500, {"content-type": "text/html"}, b"<h1>oops</h1>"),
         "/v1/models/crash/predict": (500, JSON, json.dumps(
             {"error": {"code": "internal_error", "message": "a bug"}}).encode()),
+        "/v1/models/gone/predict": (502, {"content-type": "text/html"}, b"<h1>Bad Gateway</h1>"),
+        "/v1/models/slow/predict": (504, JSON, json.dumps(
+            {"error": {"code": "gateway_timeout", "message": "no answer in time"}}).encode()),
         "/v1/sessions": (201, JSON, json.dumps(SESSION).encode()),
         "/v1/sessions/s1/step": (200, JSON, json.dumps({"session_id": "s1", "position": "3",
                                                         "top_k": []}).encode()),
@@ -163,3 +168,22 @@ def test_error_envelopes_keep_the_servers_code_and_status(broken):
         with pytest.raises(ServerError) as e:
             client.predict("crash", "a")
         assert (e.value.code, e.value.status) == ("internal_error", 500)
+
+
+def test_a_gateways_502_or_504_is_a_lost_answer_and_retried(broken):
+    """A load balancer's 502/504 (its body in the API's shape or not) says the server's
+    answer was lost: a GatewayError that may have applied, retried like a dropped
+    connection for what is safe to resend."""
+    seen = []
+    retry = Retry(attempts=3, backoff_s=0.01, on_retry=lambda e, n, w: seen.append(e.code))
+    with Client(broken.url, retry=retry, trust_env=False) as client:
+        with pytest.raises(GatewayError) as e:
+            client.predict("gone", "a")
+        assert (e.value.code, e.value.status, e.value.may_have_applied) == (
+            "bad_gateway", 502, True)
+        assert isinstance(e.value, TransportError)
+        with pytest.raises(GatewayError) as e:
+            client.predict("slow", "a")
+        assert (e.value.code, e.value.status, e.value.message) == (
+            "gateway_timeout", 504, "no answer in time")
+    assert seen == ["bad_gateway"] * 2 + ["gateway_timeout"] * 2  # 3 tries each

@@ -15,6 +15,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 # The ENV every official python image sets before our own (docker's default PATH included).
 BASE_IMAGE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -275,6 +277,52 @@ def interpolate_tree(node: object, env: dict[str, str]) -> object:
     if isinstance(node, str):
         return interpolate(node, env)
     return node
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: `!reset` (drop what the files below set) and `!override`
+    (replace it rather than merge) tag a value; the value is kept as it is written, which is
+    what the Compose schema checks. Compose itself applies them (`docker compose config`)."""
+
+
+def _tagged(loader: ComposeLoader, node: yaml.Node):
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+for _tag in ("!reset", "!override"):
+    ComposeLoader.add_constructor(_tag, _tagged)
+
+
+def load_compose(text: str) -> dict:
+    return yaml.load(text, Loader=ComposeLoader)  # noqa: S506 (a SafeLoader, two tags more)
+
+
+# --------------------------------------------------------------------------- HAProxy config
+
+
+def haproxy_sections(text: str) -> dict[str, list[list[str]]]:
+    """`section name` -> its directives, each split into words as HAProxy splits them
+    (quotes group words; `#` outside quotes starts a comment). A section starts at the
+    first column; its directives are indented."""
+    sections: dict[str, list[list[str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        lexer = shlex.shlex(raw, posix=True)
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        words = list(lexer)
+        if not words:
+            continue
+        if not raw[0].isspace():
+            current = " ".join(words)
+            sections[current] = []
+        else:
+            assert current is not None, f"a directive outside any section: {raw!r}"
+            sections[current].append(words)
+    return sections
 
 
 def read_text(path: Path) -> str:
