@@ -207,7 +207,8 @@ def test_v2_infer_bodies(fapi, victim):
     assert fapi.http.post("/v2/models/tinylstm/infer", json=start).status_code == 200
 
     @given(body=bodies(V2), header=st.none() | st.integers(-2, 200).map(str)
-           | st.text(alphabet="0123456789-x ", max_size=4),
+           # spaces inside only: a client's HTTP library refuses to send one at either end
+           | st.text(alphabet="0123456789-x ", max_size=4).map(str.strip).filter(bool),
            media=st.sampled_from([None, "application/octet-stream", "application/json"]))
     @fuzz(80)
     def one(body: bytes, header, media) -> None:
