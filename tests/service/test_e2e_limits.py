@@ -9,7 +9,6 @@ server closes it, within a generous bound, and the test checks that it was close
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 import time
