@@ -139,10 +139,12 @@ class SessionManager:
     async def create(self, mv: ModelVersion, ttl_s: float | None = None,
                      step: Step | None = None, session_id: str | None = None,
                      replace: bool = False, *, tenant: Tenant | None = None,
+                     start: tuple[np.ndarray, int] | None = None,
                      ) -> tuple[SessionRecord, Outcome | None]:
         """A new session of `tenant`, primed with `step` if given (the priming runs before
         the session exists: a failure leaves none). `session_id` names it (a v2 sequence);
-        `replace` starts that id afresh if it is live."""
+        `replace` starts that id afresh if it is live; `start` is the (row, position) it
+        begins from instead of the zero state (restore)."""
         ttl = self._ttl(ttl_s)
         session_id = session_id or new_session_id()
         owner = owner_of(tenant)
@@ -156,7 +158,7 @@ class SessionManager:
                 await self._check_capacity(tenant)
             held = self._hold(owner)
             outcome = None
-            row, position = self._zero_row(mv), 0
+            row, position = start if start is not None else (self._zero_row(mv), 0)
             if step is not None:
                 result = await self._run(mv, tenant, session_id, step, None)
                 row, position = result.row, step.length
@@ -184,29 +186,8 @@ class SessionManager:
                       replace: bool = False, *, tenant: Tenant | None = None) -> SessionRecord:
         """A new session of `tenant` holding a given state (a portable session imported:
         it belongs to whoever imports it); `session_id` and `replace` as for `create`."""
-        ttl = self._ttl(ttl_s)
-        session_id = session_id or new_session_id()
-        owner = owner_of(tenant)
-        self._creating += 1
-        held = False
-        try:
-            live = await self.store.get(session_id) if replace else None
-            if live is not None and live.owner != owner:
-                raise InvalidInput(f"session {session_id!r} exists already")
-            if live is None:  # replacing a live session adds none
-                await self._check_capacity(tenant)
-            held = self._hold(owner)
-            record = SessionRecord(session_id, mv.name, mv.version, row, ttl,
-                                   position=position, owner=owner)
-            if replace and (old := await self.store.delete(session_id)) is not None:
-                self._removed(old, "deleted")
-            await self._insert(record)
-            held = False  # the record holds its place now
-        finally:
-            self._creating -= 1
-            if held:
-                self._let_go(owner)
-        self.hooks.created(mv.name)
+        record, _ = await self.create(mv, ttl_s, None, session_id, replace, tenant=tenant,
+                                      start=(row, position))
         return record
 
     async def get(self, session_id: str, tenant: Tenant | None = None) -> SessionRecord:
