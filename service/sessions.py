@@ -396,15 +396,17 @@ class SessionManager:
             try:
                 lost = await self.store.renew({sid: w.token for sid, w in writers.items()},
                                               self.lease_s)
+                renewed = True
             except StoreUnavailable:  # not renewed: lost once the lease has run out
                 lost = {sid for sid, w in writers.items() if now - w.renewed >= self.lease_s}
+                renewed = False
             except Exception:
                 log.exception("renewing generation leases failed")
                 continue
             for sid, writer in writers.items():
                 if sid in lost:
                     writer.lose()
-                else:
+                elif renewed:  # a failed renewal leaves the lease to run out from the last
                     writer.renewed = now
 
     @property

@@ -62,15 +62,35 @@ def test_typing_streams_the_continuation(chat, api, check):
     assert api.position(sid) == 29
 
 
-def test_ctrl_c_stops_the_generation_and_keeps_the_session(chat, api, check):
+# A generation too long to finish while the chat is still on screen: the server writes ahead
+# of the terminal into the socket buffers (megabytes on loopback), so with a short one a fast
+# machine can finish it before Ctrl-C is read.
+LONG_GENERATION = 10_000_000
+
+
+@pytest.fixture
+def long_chat(start_server, tiny_repo, api_factory, check):
+    server = start_server("chat-long", {"CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]),
+                                        **check.LIMITS,
+                                        "CAROUSEL_MAX_GENERATE_TOKENS": str(LONG_GENERATION)})
+    child = spawn("--url", server.url, "--model", "utf8cycle", "--temperature", "0",
+                  "--max-tokens", "9")
+    yield child, api_factory(server)
+    if child.isalive():
+        child.terminate(force=True)
+    server.stop()
+
+
+def test_ctrl_c_stops_the_generation_and_keeps_the_session(long_chat, check):
+    chat, api = long_chat
     sid = session_id(chat, "utf8cycle")
-    line(chat, "/max_tokens 20000")
+    line(chat, f"/max_tokens {LONG_GENERATION}")
     line(chat, "x")
     chat.expect_exact(check.CYCLE_TEXT * 3)  # it is streaming
     chat.sendintr()
     chat.expect(r"\[stopped · position (\d+)\]")
     stopped = int(chat.match[1])
-    assert 1 + 27 <= stopped < 1 + 20000
+    assert 1 + 27 <= stopped < 1 + LONG_GENERATION
     assert api.position(sid) == stopped  # the session is there, where the chat says
     line(chat, "/max_tokens 9")
     line(chat, "z")

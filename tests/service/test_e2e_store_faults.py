@@ -27,6 +27,8 @@ ROUTES_NEEDING_THE_STORE = [
     ("POST", "/openai/v1/completions", {"model": "tinylstm", "prompt": "hi", "max_tokens": 3}),
 ]
 
+LONG_GENERATION = 10_000_000
+
 
 @pytest.fixture
 def redis_server(tmp_path):
@@ -41,7 +43,9 @@ def redis_server(tmp_path):
 def pair(start_server, tiny_repo, check, redis_server):
     env = {"CAROUSEL_MODEL_REPOSITORY": str(tiny_repo[0]), **check.LIMITS,
            "CAROUSEL_STORE_URL": redis_server.url, "CAROUSEL_MAX_SESSIONS": "4",
-           "CAROUSEL_STORE_TIMEOUT_S": "0.5", "CAROUSEL_LEASE_S": "1"}
+           "CAROUSEL_STORE_TIMEOUT_S": "0.5", "CAROUSEL_LEASE_S": "1",
+           # a generation that cannot end before Redis is killed under it, however fast
+           "CAROUSEL_MAX_GENERATE_TOKENS": str(LONG_GENERATION)}
     servers = [start_server(f"faults-{name}", env) for name in "ab"]
     yield servers
     for s in servers:
@@ -73,7 +77,7 @@ def test_redis_down_is_503_store_unavailable_and_the_service_recovers(
     a, b = (api_factory(s) for s in pair)
     sid = a.create_session("tinylstm", text="alive")["session_id"]
     streamed = a.create_session("tinylstm", text="going")["session_id"]
-    body = {"max_tokens": 20000, "seed": 2, "stream": True}
+    body = {"max_tokens": LONG_GENERATION, "seed": 2, "stream": True}
     with a.http.stream("POST", f"/v1/sessions/{streamed}/generate", json=body) as r:
         for i, (_event, data) in enumerate(sse_events(r)):
             if i == 300:
@@ -84,7 +88,7 @@ def test_redis_down_is_503_store_unavailable_and_the_service_recovers(
     # The generation could not keep what followed: a clear final event says so, and where
     # the session was last written.
     assert last["finish_reason"] in ("lease_lost", "store_unavailable"), last
-    assert 5 <= last["position"] < 5 + 20000
+    assert 5 <= last["position"] < 5 + LONG_GENERATION
 
     for api in (a, b):
         r = wait_ready(api, ready=False)
