@@ -210,6 +210,11 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
         batches = sorted(set(plan.limit_batches + plan.levels + plan.gen_levels))
         results["limit"] = limit.measure(model, batches, plan.prefill_length, shapes,
                                          plan.limit_budget_s, plan.limit_repeats, threads)
+        results["physical"] = limit.physical(model, 64, 2, plan.limit_budget_s,
+                                             plan.limit_repeats)
+        ph = results["physical"]
+        log(f"  one-thread limit {ph['one_thread']['tokens_per_s']:,.0f} tokens/s, two-core "
+            f"limit {ph['two_core']['tokens_per_s']:,.0f} tokens/s (batch 64)")
         for label, r in results["limit"].items():
             log(f"  limit {label}: " + ", ".join(
                 f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())

@@ -109,6 +109,23 @@ def measure(model: ModelVersion, batches: list[int], prefill_length: int,
     return results
 
 
+def physical(model: ModelVersion, batch: int, cores: int, budget_s: float,
+             repeats: int) -> dict:
+    """The two limits carousel's own cost is judged against, in onnxruntime alone:
+
+    - one-thread: one decode step of `batch` rows on one intra-op thread, nothing spinning:
+      what steps can use while the event loop keeps the other core;
+    - two-core: `cores` threads at once, each a step of batch // cores rows on one intra-op
+      thread (the server's decode runs): what generation can use."""
+    runner = GraphRunner(model, 1, 1, False)
+    one = _time_steps(runner, batch, budget_s, repeats)
+    both = _time_steps_parallel(runner, batch, cores, budget_s, repeats)
+    return {"batch": batch,
+            "one_thread": {"us_per_step": one * 1e6, "tokens_per_s": batch / one},
+            "two_core": {"threads": cores, "us_per_step": both * 1e6,
+                         "tokens_per_s": batch / both}}
+
+
 def best(limits: dict, kind: str, key: str, field: str) -> float | None:
     """The best figure over thread settings: the limit is what onnxruntime can do at all."""
     values = [r[kind][key][field] for r in limits.values() if key in r[kind]]

@@ -129,6 +129,63 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def against_limits(results: dict) -> list[dict]:
+    """Issue 14's targets: carousel against the two physical limits measured in the same run
+    (limit.physical), a lone stream and a single session against the naive server."""
+    ph = results.get("physical") or {}
+    one = _get(ph, "one_thread", "tokens_per_s")
+    two = _get(ph, "two_core", "tokens_per_s")
+    sc = results.get("scenarios", {})
+    out = []
+
+    def target(name, value, reference, factor, holds_when, against):
+        threshold = None if reference is None else factor * reference
+        ratio = None if value is None or not reference else value / reference
+        ok = None if value is None or threshold is None else (
+            value >= threshold if holds_when == ">=" else value <= threshold)
+        out.append({"target": name, "value": value, "against": against,
+                    "reference": reference, "ratio": ratio, "threshold": threshold,
+                    "holds_when": holds_when, "ok": ok})
+
+    target("HTTP /step, 64 sessions, tokens/s", _get(sc, "step_http", "64", "carousel",
+           "tokens_per_s"), one, 0.5, ">=", "one-thread limit")
+    target("WebSocket step, 64 sessions, tokens/s", _get(sc, "step_ws", "64", "carousel",
+           "tokens_per_s"), one, 0.6, ">=", "one-thread limit")
+    target("generation, 64 streams, tokens/s", _get(sc, "generate", "64", "carousel",
+           "tokens_per_s"), two, 0.85, ">=", "two-core limit")
+    target("generation, 1 stream, tokens/s", _get(sc, "generate", "1", "carousel",
+           "tokens_per_s"), _get(sc, "generate", "1", "naive", "tokens_per_s"), 1.5, ">=",
+           "naive server")
+    target("HTTP /step, 1 session, p50 ms", _get(sc, "step_http", "1", "carousel",
+           "latency_ms", "p50"), _get(sc, "step_http", "1", "naive", "latency_ms", "p50"),
+           1.0, "<=", "naive server")
+    return out
+
+
+def limits_table(results: dict) -> list[str]:
+    ph = results.get("physical")
+    if not ph:
+        return []
+    lines = ["", "## Against the limits", "",
+             f"One-thread limit: a batch-{ph['batch']} decode step on one intra-op thread, "
+             f"{ph['one_thread']['us_per_step']:,.0f} µs = "
+             f"**{ph['one_thread']['tokens_per_s']:,.0f} tokens/s**. Two-core limit: "
+             f"{ph['two_core']['threads']} threads at once, each a batch-"
+             f"{ph['batch'] // ph['two_core']['threads']} step, "
+             f"{ph['two_core']['us_per_step']:,.0f} µs = "
+             f"**{ph['two_core']['tokens_per_s']:,.0f} tokens/s** (onnxruntime alone, "
+             "in-process, measured in this run).", "",
+             "| target | carousel | against | reference | ratio | threshold | met |",
+             "|---|---|---|---|---|---|---|"]
+    for t in against_limits(results):
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
+        ratio = "–" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['against']} | "
+                     f"{_fmt(t['reference'])} | {ratio} | {t['holds_when']} "
+                     f"{_fmt(t['threshold'])} | {met} |")
+    return lines
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -211,6 +268,7 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['holds_when']} "
                      f"{_fmt(t['threshold'])} | {met} |")
+    lines += limits_table(results)
     lines += ["", "## In-process limit (onnxruntime alone)", "", *limit_table(results.get("limit")),
               "", "## Errors, correctness, batching, CPU", "", *health(results)]
     layers = _get(results, "scenarios", "step_http", "64") or {}
@@ -285,7 +343,8 @@ def plot(results: dict, path: Path) -> None:
 
 def write(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {**results, "rows": rows(results), "targets": targets(results)}
+    results = {**results, "rows": rows(results), "targets": targets(results),
+               "against_limits": against_limits(results)}
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
              "png": out_dir / "results.png"}
     paths["json"].write_text(json.dumps(results, indent=1, default=str))
