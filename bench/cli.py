@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=None, help="runs per scenario (median)")
     parser.add_argument("--profile", action="store_true",
                         help="also sample carousel with py-spy under the 64-session loads")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                        help="another carousel checkout (say a worktree of the old main) run "
+                        "as a second carousel, 'baseline', right after carousel in the same "
+                        "run, with the same settings; the table gets its column and ratio")
     parser.add_argument("--carousel-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="extra CAROUSEL_* setting for the carousel server, repeatable")
 
@@ -110,8 +114,9 @@ def one_line(result: dict) -> str:
                       (result.get("server_threads_cpu_pct") or {}).items()))
 
 
-def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env) -> None:
-    server = servers.start(kind, model, out / "logs", carousel_env)
+def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env,
+                         baseline=None) -> None:
+    server = servers.start(kind, model, out / "logs", carousel_env, baseline)
     sc = results["scenarios"]
     try:
         for over_ws, name in ((False, "step_http"), (True, "step_ws")):
@@ -188,6 +193,10 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
             ) -> int:
     chosen = set(args.scenarios.split(","))
     kinds = [k for k in SERVERS if k in args.servers.split(",")]
+    if args.baseline is not None:
+        if not (args.baseline / "carousel" / "__main__.py").exists():
+            raise SystemExit(f"--baseline {args.baseline}: not a carousel checkout")
+        kinds.append("baseline")
     runner = GraphRunner(model, 1, 1)  # the correctness reference
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
@@ -220,7 +229,8 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                 f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())
                 + f", prefill {r['prefill']['ms']:.1f} ms")
     for kind in kinds if chosen & {"step_http", "step_ws", "generate", "predict"} else []:
-        run_server_scenarios(kind, model, runner, plan, chosen, results, args.out, carousel_env)
+        run_server_scenarios(kind, model, runner, plan, chosen, results, args.out, carousel_env,
+                             args.baseline)
     if "step_http" in chosen and "floor" in kinds:
         # What each layer of the stack costs: the floor again without FastAPI, and bare ASGI.
         for kind in LOWER_FLOORS:
@@ -233,7 +243,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
             log(f"  step_http {FLOOR_LEVEL:4} {kind:8} {one_line(r)}")
     if "memory" in chosen:
         for kind in (k for k in kinds if k != "floor"):
-            server = servers.start(kind, model, args.out / "logs", carousel_env)
+            server = servers.start(kind, model, args.out / "logs", carousel_env, args.baseline)
             try:
                 m = scenarios.memory(server, model, runner, plan)
             finally:

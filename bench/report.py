@@ -46,7 +46,7 @@ def rows(results: dict) -> list[dict]:
     def row(scenario, measure, values, limit=None, better="higher"):
         out.append({"scenario": scenario, "measure": measure, "carousel": values.get("carousel"),
                     "naive": values.get("naive"), "floor": values.get("floor"), "limit": limit,
-                    "better": better})
+                    "baseline": values.get("baseline"), "better": better})
 
     for kind, title in (("step_http", "HTTP /step"), ("step_ws", "WebSocket step")):
         for level, per_server in sc.get(kind, {}).items():
@@ -253,16 +253,21 @@ def limit_table(limits: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     meta = results["meta"]
+    table = rows(results)
+    baseline = any(r["baseline"] is not None for r in table)  # --baseline: old code's column
     lines = [f"# carousel benchmark ({meta['plan']['name']} plan, {meta['finished_at']})", "",
              f"Model: {meta['model']}. Medians of {meta['plan']['reps']} run(s) each. "
              f"Note: {SHARED_CORES}.", "", "## Scenarios side by side", "",
-             "| scenario | measure | carousel | naive | floor | limit | ÷naive | ÷floor | ÷limit |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows(results):
+             "| scenario | measure | carousel | naive | floor | limit | ÷naive | ÷floor | ÷limit |"
+             + (" baseline | ÷baseline |" if baseline else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
+    for r in table:
         c = r["carousel"]
         lines.append(f"| {r['scenario']} | {r['measure']} | {_fmt(c)} | {_fmt(r['naive'])} | "
                      f"{_fmt(r['floor'])} | {_fmt(r['limit'])} | {_ratio(c, r['naive'])} | "
-                     f"{_ratio(c, r['floor'])} | {_ratio(c, r['limit'])} |")
+                     f"{_ratio(c, r['floor'])} | {_ratio(c, r['limit'])} |"
+                     + (f" {_fmt(r['baseline'])} | {_ratio(c, r['baseline'])} |" if baseline
+                        else ""))
     lines += ["", "## Targets", "", "| target | carousel | threshold | met |", "|---|---|---|---|"]
     for t in targets(results):
         met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
@@ -310,7 +315,8 @@ def plot(results: dict, path: Path) -> None:
     for ax, (kind, title, key) in zip(axes.flat, panels, strict=True):
         data = sc.get(kind, {})
         levels = sorted(int(n) for n in data)
-        for server, style in (("carousel", "o-"), ("naive", "s--"), ("floor", "^:")):
+        for server, style in (("carousel", "o-"), ("baseline", "d-."), ("naive", "s--"),
+                              ("floor", "^:")):
             ys = [_get(data, str(n), server, key, "p50") if key == "latency_ms"
                   else _get(data, str(n), server, key) for n in levels]
             if any(y is not None for y in ys):

@@ -76,16 +76,26 @@ class Server:
                 self.process.wait()
 
 
-def start(kind: str, model: ModelVersion, log_dir: Path, carousel_env: dict | None = None
-          ) -> Server:
-    """carousel_env: extra CAROUSEL_* settings for carousel (ignored by the others)."""
+def start(kind: str, model: ModelVersion, log_dir: Path, carousel_env: dict | None = None,
+          baseline: Path | None = None) -> Server:
+    """carousel_env: extra CAROUSEL_* settings for carousel (ignored by the others).
+    kind "baseline": carousel from another checkout, `baseline` (its own code, this
+    environment's packages), with the same settings."""
     port = free_port()
     env = dict(os.environ)
-    if kind == "carousel":
+    cwd = Path(__file__).resolve().parent.parent
+    if kind in ("carousel", "baseline"):
         command = [sys.executable, "-m", "carousel", "serve"]
         extra = {"CAROUSEL_MODEL_REPOSITORY": str(model.repository), "CAROUSEL_HOST": "127.0.0.1",
                  "CAROUSEL_PORT": str(port), **(carousel_env or {})}
         env.update(extra)
+        if kind == "baseline":
+            if baseline is None:
+                raise ValueError("the baseline server needs a checkout")
+            # `-m carousel` from the checkout's root imports the checkout's packages first
+            cwd = baseline.resolve()
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(cwd), *filter(None, [os.environ.get("PYTHONPATH")])])
     elif kind == "naive":
         command = [sys.executable, "-m", f"{PACKAGE}.naive_server", "--model-repository",
                    str(model.repository), "--model", model.name, "--version",
@@ -103,7 +113,7 @@ def start(kind: str, model: ModelVersion, log_dir: Path, carousel_env: dict | No
     with open(log_path, "ab") as log:
         # cwd: the repository root, so `-m bench...` resolves when the bench runs from a checkout.
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=Path(__file__).resolve().parent.parent)
+                                   cwd=cwd)
     server = Server(kind, port, process, log_path, extra)
     try:
         server.wait_ready()
