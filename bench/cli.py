@@ -253,26 +253,17 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                 f"(state {model.state_bytes} B), rss {m.get('rss_bytes')}")
     if args.profile and "carousel" in kinds:
         results["profile"] = run_profiles(model, runner, plan, args.out, carousel_env)
+    v2_wrong = fair_wrong = False
     if "v2" in chosen:
         steps = 40 if args.quick else 200
         result = v2.run(model, args.out / "logs", steps, plan.reps, carousel_env)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "v2.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "v2.md").write_text(v2.markdown(result))
-        log("v2:\n" + v2.markdown(result))
-        results["v2"] = {k: v for k, v in result.items() if k != "runs"}
+        results["v2"] = write_opt_in(args.out, "v2", result, v2.markdown(result))
         v2_wrong = any(r["errors"] for runs in result["runs"].values() for r in runs)
-    else:
-        v2_wrong = False
-    fair_wrong = False
     if "fairness" in chosen:
         steps = 100 if args.quick else 300
         result = fairness.run(model, args.out / "logs", steps, plan.reps, carousel_env)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fairness.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "fairness.md").write_text(fairness.markdown(result))
-        log("fairness:\n" + fairness.markdown(result))
-        results["fairness"] = {k: v for k, v in result.items() if k != "runs"}
+        results["fairness"] = write_opt_in(args.out, "fairness", result,
+                                           fairness.markdown(result))
         fair_wrong = not result["correct"]["ok"]
     if "store" in chosen:
         if not args.store_url:
@@ -293,6 +284,16 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
     wrong = [c for c in checks if c and not c["ok"]]
     # Benchmarks assert nothing about time, but a wrong answer is a failure.
     return 1 if wrong or v2_wrong or fair_wrong else 0
+
+
+def write_opt_in(out: Path, name: str, result: dict, markdown: str) -> dict:
+    """An opt-in scenario's own files (NAME.json, every run; NAME.md); its summary, without
+    the runs, for results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    log(f"{name}:\n{markdown}")
+    return {k: v for k, v in result.items() if k != "runs"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from .errors import Forbidden, RateLimited, Unauthorized
+from .origins import is_loopback
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("carousel.service")
@@ -476,15 +476,6 @@ class KeyRedactor(logging.Filter):
 
 
 # ------------------------------------------------------------------------------ start-up
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name may resolve to anything: treat it as exposed
 
 
 def refusal(settings) -> str | None:

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"carousel serve: model repository {settings.model_repository} does not exist "
               "(set --model-repository or CAROUSEL_MODEL_REPOSITORY)", file=sys.stderr)
         return 2
-    from .auth import AuthConfigError, is_loopback, refusal
+    from .auth import AuthConfigError, refusal
+    from .origins import is_loopback
 
     if (reason := refusal(settings)) is not None:
         print(f"carousel serve: {reason}", file=sys.stderr)

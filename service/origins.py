@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        return False
+        return False  # a host name may resolve to anything: treat it as exposed
 
 
 def host_name(value: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ import pytest
 import torch
 from carousel.model.model import LanguageModel, ModelConfig, encode
 from prometheus_client.parser import text_string_to_metric_families
+from sse import sse_events
 
 CAROUSEL = Path(sys.executable).with_name("carousel")  # the venv's console script
 TOL = 1e-4  # the issue's bound between any two computations of the same logits
@@ -364,7 +364,7 @@ class Api:
         with self.http.stream("POST", f"/v1/sessions/{sid}/generate", json=body) as resp:
             assert resp.status_code == 200, resp.read()[:500]
             assert resp.headers["content-type"].startswith("text/event-stream"), resp.headers
-            yield sse_events(resp.iter_lines())
+            yield sse_events(resp)
 
     def streamed(self, sid: str, **fields) -> tuple[list[dict], dict]:
         """A whole SSE generation: the token events and the end event's data."""
@@ -385,27 +385,6 @@ class Api:
 # them all on /generate): sampling at temperature 1 among the 50 likeliest bytes, values
 # valid under any reading of top_k (0 may mean "off" or be refused; 50 means 50 everywhere).
 GEN = {"max_tokens": 16, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 1234}
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    """Server-sent events from text lines: (event name, JSON data), "message" by default."""
-    event, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-    if data:
-        yield event, json.loads("\n".join(data))
 
 
 @pytest.fixture(scope="session")

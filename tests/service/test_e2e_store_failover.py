@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from carousel.model.model import encode
-from storekit import machine_db, sse_events, step_with_retries
+from sse import sse_events
+from storekit import machine_db, step_with_retries
 
 DB = 13
 STEPPERS, STEPS = 6, 30

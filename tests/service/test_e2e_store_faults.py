@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 from carousel.model.model import encode
-from storekit import RedisServer, sse_events
+from sse import sse_events
+from storekit import RedisServer
 
 ROUTES_NEEDING_THE_STORE = [
     ("POST", "/v1/sessions", {"model": "tinylstm", "text": "new"}),

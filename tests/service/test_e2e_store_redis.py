@@ -16,7 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from carousel.model.model import encode
-from storekit import machine_db, sse_events
+from sse import sse_events
+from storekit import machine_db
 
 DB = 13
 
