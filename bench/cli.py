@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import fairness, limit, profile, report, scenarios, servers, store, v2
@@ -57,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also sample carousel with py-spy under the 64-session loads")
     parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
                         help="another carousel checkout (say a worktree of the old main) run "
-                        "as a second carousel, 'baseline', right after carousel in the same "
-                        "run, with the same settings; the table gets its column and ratio")
+                        "as a second carousel, 'baseline', with the same settings, taking "
+                        "turns with carousel run by run; the table gets its column and ratio")
     parser.add_argument("--carousel-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="extra CAROUSEL_* setting for the carousel server, repeatable")
 
@@ -114,29 +116,57 @@ def one_line(result: dict) -> str:
                       (result.get("server_threads_cpu_pct") or {}).items()))
 
 
-def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env,
-                         baseline=None) -> None:
-    server = servers.start(kind, model, out / "logs", carousel_env, baseline)
-    sc = results["scenarios"]
+def server_loads(model, runner, chosen, plan) -> list[tuple[str, str, Callable]]:
+    """(scenario, level, run(server, plan)) for every load the chosen scenarios hold."""
+    loads = []
+    for over_ws, name in ((False, "step_http"), (True, "step_ws")):
+        if name in chosen:
+            loads += [(name, str(n), functools.partial(
+                lambda server, p, n, ws: scenarios.steps(server, model, runner, p, n, ws),
+                n=n, ws=over_ws)) for n in plan.levels]
+    if "generate" in chosen:
+        loads += [("generate", str(n), functools.partial(
+            lambda server, p, n: scenarios.generate(server, model, runner, p, n), n=n))
+            for n in plan.gen_levels]
+    if "predict" in chosen:
+        loads += [("predict", case.label, functools.partial(
+            lambda server, p, case: scenarios.predict(server, model, runner, p, case),
+            case=case)) for case in plan.predict]
+    return loads
+
+
+def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env
+                         ) -> None:
+    server = servers.start(kind, model, out / "logs", carousel_env)
     try:
-        for over_ws, name in ((False, "step_http"), (True, "step_ws")):
-            if name in chosen:
-                for n in plan.levels:
-                    r = scenarios.steps(server, model, runner, plan, n, over_ws)
-                    sc.setdefault(name, {}).setdefault(str(n), {})[kind] = r
-                    log(f"  {name:9} {n:4} {kind:8} {one_line(r)}")
-        if "generate" in chosen:
-            for n in plan.gen_levels:
-                r = scenarios.generate(server, model, runner, plan, n)
-                sc.setdefault("generate", {}).setdefault(str(n), {})[kind] = r
-                log(f"  generate  {n:4} {kind:8} {one_line(r)}")
-        if "predict" in chosen:
-            for case in plan.predict:
-                r = scenarios.predict(server, model, runner, plan, case)
-                sc.setdefault("predict", {}).setdefault(case.label, {})[kind] = r
-                log(f"  predict {case.label:>6} {kind:8} {one_line(r)}")
+        for name, level, load in server_loads(model, runner, chosen, plan):
+            r = load(server, plan)
+            results["scenarios"].setdefault(name, {}).setdefault(level, {})[kind] = r
+            log(f"  {name:9} {level:>4} {kind:8} {one_line(r)}")
     finally:
         server.stop()
+
+
+def run_paired(model, runner, plan, chosen, results, out, carousel_env, baseline) -> None:
+    """carousel and the baseline checkout, both up, taking turns run by run (who goes first
+    alternates), so both see the same machine: its drift over minutes falls on both alike."""
+    both = {}
+    try:
+        for kind in ("carousel", "baseline"):
+            both[kind] = servers.start(kind, model, out / "logs", carousel_env, baseline)
+        one = plans.Plan(**{**plan.to_dict(), "reps": 1})
+        for name, level, load in server_loads(model, runner, chosen, plan):
+            runs = {"carousel": [], "baseline": []}
+            for rep in range(plan.reps):
+                for kind in ("carousel", "baseline")[:: 1 if rep % 2 == 0 else -1]:
+                    runs[kind].append(load(both[kind], one))
+            for kind, folded in runs.items():
+                r = scenarios.fold(folded)
+                results["scenarios"].setdefault(name, {}).setdefault(level, {})[kind] = r
+                log(f"  {name:9} {level:>4} {kind:8} {one_line(r)}")
+    finally:
+        for server in both.values():
+            server.stop()
 
 
 def run_profiles(model, runner, plan, out, carousel_env) -> dict:
@@ -229,8 +259,12 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
                 f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())
                 + f", prefill {r['prefill']['ms']:.1f} ms")
     for kind in kinds if chosen & {"step_http", "step_ws", "generate", "predict"} else []:
-        run_server_scenarios(kind, model, runner, plan, chosen, results, args.out, carousel_env,
-                             args.baseline)
+        if kind == "carousel" and args.baseline is not None:
+            run_paired(model, runner, plan, chosen, results, args.out, carousel_env,
+                       args.baseline)
+        elif kind != "baseline":
+            run_server_scenarios(kind, model, runner, plan, chosen, results, args.out,
+                                 carousel_env)
     if "step_http" in chosen and "floor" in kinds:
         # What each layer of the stack costs: the floor again without FastAPI, and bare ASGI.
         for kind in LOWER_FLOORS:

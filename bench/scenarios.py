@@ -125,6 +125,22 @@ def median_of(runs: list[dict], check: Check | None) -> dict:
     return out
 
 
+def fold(results: list[dict]) -> dict:
+    """Single runs' results (each a `repeat` of one run) as one: the medians of their figures,
+    their errors and correctness tallies added up."""
+    bookkeeping = ("runs", "failed_runs", "failures", "correct")
+    raw = [{"failed": r["failures"][0]} if r.get("failed_runs") else
+           {k: v for k, v in r.items() if k not in bookkeeping} for r in results]
+    out = median_of(raw, None)
+    checks = [r["correct"] for r in results if r.get("correct") is not None]
+    if checks:
+        total = Check(sum(c["compared"] for c in checks), sum(c["wrong"] for c in checks),
+                      sum(c["missing"] for c in checks),
+                      [t for c in checks for t in c["samples"]][:5])
+        out["correct"] = total.to_dict()
+    return out
+
+
 def repeat(plan: Plan, once: Callable[[Check | None], dict], checked: bool) -> dict:
     check = Check() if checked else None
     return median_of([once(check) for _ in range(plan.reps)], check)

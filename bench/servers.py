@@ -92,10 +92,10 @@ def start(kind: str, model: ModelVersion, log_dir: Path, carousel_env: dict | No
         if kind == "baseline":
             if baseline is None:
                 raise ValueError("the baseline server needs a checkout")
-            # `-m carousel` from the checkout's root imports the checkout's packages first
-            cwd = baseline.resolve()
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(cwd), *filter(None, [os.environ.get("PYTHONPATH")])])
+            # Not `-m carousel` from the checkout: an installed carousel's subpackages would
+            # still be this checkout's (checkout.py says why).
+            command = [sys.executable, "-m", f"{PACKAGE}.checkout", str(baseline.resolve()),
+                       "serve"]
     elif kind == "naive":
         command = [sys.executable, "-m", f"{PACKAGE}.naive_server", "--model-repository",
                    str(model.repository), "--model", model.name, "--version",

@@ -112,6 +112,12 @@ class InvalidJson(ServiceError):
     status, code = 400, "invalid_json"
 
 
+class InvalidFrame(ServiceError):
+    """A binary WebSocket step frame that does not follow its layout (wsbinary.py)."""
+
+    status, code = 400, "invalid_frame"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 

@@ -6,11 +6,13 @@ answered by one frame shaped like /step's body) or `{"generate": {...}}` (token 
 shaped like /generate's body). Frames are handled in order. A bad frame is answered with an
 `{"error": ...}` frame and the socket stays open; an unknown session closes it (4404).
 
-Frames are parsed as HTTP bodies are (pydantic's JSON parser: the same refusals for lone
-surrogates, the same bounded nesting), and their size limit, `max_body_bytes`, counts UTF-8
-bytes as HTTP's does. While a generation with "stream": false runs, the socket's next
-message is read ahead: if it says the client left, the generation is cancelled (a frame read
-meanwhile is answered next, in order).
+A step may also be a binary frame of the compact layout in wsbinary.py (first byte 0x00),
+answered by a binary frame; it is checked as a JSON step is and its errors are the same JSON
+error frames. JSON frames are parsed as HTTP bodies are (pydantic's JSON parser: the same
+refusals for lone surrogates, the same bounded nesting), and the size limit of every frame,
+`max_body_bytes`, counts UTF-8 bytes as HTTP's does. While a generation with "stream": false
+runs, the socket's next message is read ahead: if it says the client left, the generation is
+cancelled (a frame read meanwhile is answered next, in order).
 
 With API keys, the handshake was authenticated before it reached this module (a missing or
 wrong key is answered with HTTP 401 and no socket; auth.py), and the socket is accepted with
@@ -22,14 +24,13 @@ revoked key gets an error frame and the socket closes (4401).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from fastapi import WebSocket
 from pydantic_core import from_json
 from starlette.websockets import WebSocketDisconnect
 
-from . import views
+from . import views, wsbinary
 from .auth import Tenant, accepted_subprotocol
 from .errors import (
     InvalidInput,
@@ -51,7 +52,7 @@ CLOSE_UNAUTHORIZED = 4401
 
 
 def _text(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return views.dumps(obj).decode("utf-8")
 
 
 async def session_socket(websocket: WebSocket) -> None:
@@ -154,12 +155,26 @@ async def _frame(svc: Service, inbox: Inbox, session_id: str, raw,
     svc.check_accepting()
     if tenant is not None:
         tenant.admit_request()
+    if wsbinary.is_binary_step(raw):
+        await _binary_step(svc, inbox.websocket, session_id, raw, tenant)
+        return
     obj = decode_frame(raw, svc.settings.max_body_bytes)
     if "generate" in obj:
         await _generate(svc, inbox, session_id, parse(WsGenerateFrame, obj), tenant)
         return
     answer = await svc.plane.step(session_id, obj, {}, tenant=tenant)
     await inbox.websocket.send_text(_text(answer))
+
+
+async def _binary_step(svc: Service, websocket: WebSocket, session_id: str, raw: bytes,
+                       tenant: Tenant | None) -> None:
+    if len(raw) > svc.settings.max_body_bytes:
+        raise RequestTooLarge(f"the frame is over the limit of {svc.settings.max_body_bytes} "
+                              "bytes")
+    step = wsbinary.decode_step(raw, svc.settings.max_tokens_per_request)
+    _, answer = await svc.plane.step_tokens(session_id, step.tokens, step.position, step.top_k,
+                                            tenant=tenant)
+    await websocket.send_bytes(wsbinary.encode_answer(answer, step.return_logits))
 
 
 async def _generate(svc: Service, inbox: Inbox, session_id: str,

@@ -176,10 +176,12 @@ class _SessionSurface(_Stepping):
         """Delete the session now (an already deleted or expired one is not an error)."""
         return self._driver.run(_quiet_delete(self._retry, self._state))
 
-    def websocket(self):
+    def websocket(self, *, binary: bool = False):
         """The session's WebSocket: the same steps and generations over one connection
-        (a context manager; the position is shared with this session)."""
-        return self._client._socket(self._state)
+        (a context manager; the position is shared with this session). `binary`: steps go
+        as compact binary frames and come back as such (the same StepResult; the server's
+        README has the layout), which costs both ends less than JSON."""
+        return self._client._socket(self._state, binary)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.model} at {self.position}>"
@@ -316,10 +318,11 @@ class SessionSocket(_Stepping):
 
     _stream_class = TextStream
 
-    def __init__(self, client: Client, state: ops.SessionState) -> None:
+    def __init__(self, client: Client, state: ops.SessionState,
+                 binary: bool = False) -> None:
         self._retry = client._retry
         self._state = state
-        self._transport = WsTransport(client._ws_settings(state))
+        self._transport = WsTransport(client._ws_settings(state, binary))
         self._driver = SyncDriver(self._transport)
 
     def __enter__(self) -> SessionSocket:
@@ -356,12 +359,12 @@ class Client(_ClientSurface):
         return Session(self, ops.SessionState(info.session_id, info.model, info.position),
                        primed, keep)
 
-    def _socket(self, state: ops.SessionState) -> SessionSocket:
-        return SessionSocket(self, state)
+    def _socket(self, state: ops.SessionState, binary: bool = False) -> SessionSocket:
+        return SessionSocket(self, state, binary)
 
-    def _ws_settings(self, state: ops.SessionState) -> WsSettings:
+    def _ws_settings(self, state: ops.SessionState, binary: bool = False) -> WsSettings:
         return WsSettings(_ws_url(self.base_url, state), self._headers, self._timeout,
-                          self._trust_env)
+                          self._trust_env, session_id=state.session_id, binary=binary)
 
     def close(self) -> None:
         self._http.close()
@@ -434,10 +437,11 @@ class AsyncSessionSocket(_Stepping):
 
     _stream_class = AsyncTextStream
 
-    def __init__(self, client: AsyncClient, state: ops.SessionState) -> None:
+    def __init__(self, client: AsyncClient, state: ops.SessionState,
+                 binary: bool = False) -> None:
         self._retry = client._retry
         self._state = state
-        self._transport = AsyncWsTransport(client._ws_settings(state))
+        self._transport = AsyncWsTransport(client._ws_settings(state, binary))
         self._driver = AsyncDriver(self._transport, lock=asyncio.Lock())
 
     async def __aenter__(self) -> AsyncSessionSocket:
@@ -475,12 +479,12 @@ class AsyncClient(_ClientSurface):
 
         return _Opening(opening())
 
-    def _socket(self, state: ops.SessionState) -> AsyncSessionSocket:
-        return AsyncSessionSocket(self, state)
+    def _socket(self, state: ops.SessionState, binary: bool = False) -> AsyncSessionSocket:
+        return AsyncSessionSocket(self, state, binary)
 
-    def _ws_settings(self, state: ops.SessionState) -> WsSettings:
+    def _ws_settings(self, state: ops.SessionState, binary: bool = False) -> WsSettings:
         return WsSettings(_ws_url(self.base_url, state), self._headers, self._timeout,
-                          self._trust_env)
+                          self._trust_env, session_id=state.session_id, binary=binary)
 
     async def aclose(self) -> None:
         await self._http.aclose()

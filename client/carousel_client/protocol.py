@@ -12,6 +12,7 @@ import codecs
 import datetime as dt
 import functools
 import json
+import struct
 
 from .errors import (
     GATEWAY_STATUSES,
@@ -273,8 +274,59 @@ class SseParser:
         return None
 
 
-def ws_frame(raw: str | bytes) -> dict:
-    """A WebSocket frame from the server: a JSON object; an error frame raises its error."""
+# The compact binary step frame (the server's service/wsbinary.py has the layout): a fixed
+# header, then the tokens one byte each; its answer the top-k as raw little-endian numbers.
+_BINARY_STEP = struct.Struct("<BBBH")  # magic 0, version 1, flags, top_k
+_BINARY_ANSWER = struct.Struct("<BBBHQ")  # magic 0, version 1, flags, k, position
+_HAS_POSITION, _RETURN_LOGITS = 1, 2
+DEFAULT_TOP_K = 5  # the server's, for a JSON step that leaves top_k out
+
+
+def binary_step(body: dict) -> bytes | None:
+    """A step's body as a binary frame; None if it has no binary form (a token outside a
+    byte, which the JSON step sends on for the server to refuse)."""
+    if body.get("text") is not None:
+        data = body["text"].encode("utf-8", errors="surrogatepass")
+    elif all(isinstance(t, int) and 0 <= t < 256 for t in body["tokens"]):
+        data = bytes(body["tokens"])
+    else:
+        return None
+    top_k = body.get("top_k", DEFAULT_TOP_K)
+    if not 0 <= top_k < 2**16:
+        return None
+    position = body.get("position")
+    flags = (_HAS_POSITION if position is not None else 0) | (
+        _RETURN_LOGITS if body.get("return_logits") else 0)
+    header = _BINARY_STEP.pack(0, 1, flags, top_k)
+    return header + (struct.pack("<Q", position) if position is not None else b"") + data
+
+
+def binary_answer(raw: bytes, session_id: str) -> dict:
+    """A binary step answer as the JSON answer's object (the rest of the client reads that)."""
+    try:
+        _, version, flags, k, position = _BINARY_ANSWER.unpack_from(raw)
+        start = _BINARY_ANSWER.size
+        tokens = raw[start:start + k]
+        logprobs = struct.unpack_from(f"<{k}f", raw, start + k)
+        rest = raw[start + 5 * k:]
+        logits = struct.unpack(f"<{len(rest) // 4}f", rest) if flags & _RETURN_LOGITS else None
+    except struct.error:
+        raise ProtocolError(f"a binary WebSocket frame is too short: {raw[:40]!r}") from None
+    if version != 1 or len(tokens) != k:
+        raise ProtocolError(f"a binary WebSocket frame of an unknown layout: {raw[:40]!r}")
+    obj = {"session_id": session_id, "position": position,
+           "top_k": [{"token": t, "text": bytes((t,)).decode("utf-8", "backslashreplace"),
+                      "logprob": lp} for t, lp in zip(tokens, logprobs, strict=True)]}
+    if logits is not None:
+        obj["logits"] = list(logits)
+    return obj
+
+
+def ws_frame(raw: str | bytes, session_id: str = "") -> dict:
+    """A WebSocket frame from the server: a JSON object (or a binary step answer, as one);
+    an error frame raises its error."""
+    if isinstance(raw, bytes) and raw[:1] == b"\x00":
+        return binary_answer(raw, session_id)
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -168,8 +168,11 @@ class WsSettings:
     """How a session's socket connects; shared by both WebSocket transports."""
 
     def __init__(self, url: str, headers: dict[str, str], timeout: float | None,
-                 trust_env: bool, max_size: int | None = 2**24) -> None:
+                 trust_env: bool, max_size: int | None = 2**24, *, session_id: str = "",
+                 binary: bool = False) -> None:
         self.url = url
+        self.session_id = session_id
+        self.binary = binary  # steps as compact binary frames (protocol.binary_step)
         self.headers = headers
         self.timeout = timeout
         self.proxy = True if trust_env else None  # True: the environment's proxy settings
@@ -179,10 +182,12 @@ class WsSettings:
         return {"additional_headers": self.headers, "open_timeout": self.timeout,
                 "max_size": self.max_size, "proxy": self.proxy}
 
-    def frame(self, action) -> str:
-        """The frame an action sends: a step is its body, a generation {"generate": body}."""
+    def frame(self, action) -> str | bytes:
+        """The frame an action sends: a step is its body (or its binary frame), a generation
+        {"generate": body}."""
         if action.path.endswith("/step"):
-            return protocol.dumps(action.json)
+            frame = protocol.binary_step(action.json) if self.binary else None
+            return frame if frame is not None else protocol.dumps(action.json)
         if action.path.endswith("/generate"):
             return protocol.dumps({"generate": action.json})
         raise TypeError(f"a session's WebSocket cannot carry {action!r}")
@@ -272,7 +277,7 @@ class WsTransport:
         except (ConnectionClosed, OSError) as e:
             self.close()
             raise self.settings.closed_error(e, sent=True) from None
-        return protocol.ws_frame(raw)
+        return protocol.ws_frame(raw, self.settings.session_id)
 
 
 class AsyncWsTransport:
@@ -324,4 +329,4 @@ class AsyncWsTransport:
         except (ConnectionClosed, OSError) as e:
             await self.close()
             raise self.settings.closed_error(e, sent=True) from None
-        return protocol.ws_frame(raw)
+        return protocol.ws_frame(raw, self.settings.session_id)
