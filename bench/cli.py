@@ -24,7 +24,8 @@ from . import plan as plans
 from .graph import GraphRunner, ModelVersion, export_random_model, find_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("limit", "step_http", "step_ws", "generate", "predict", "memory")
+SCENARIOS = ("limit", "step_http", "step_ws", "step_wsb", "generate", "predict", "memory")
+ONLY_CAROUSEL = {"step_wsb"}  # binary WebSocket frames: what the other servers do not speak
 # Run only when asked for: v2 builds its imported model with torch (the train extra);
 # fairness runs two servers with API keys of two tenants; store needs --store-url.
 OPT_IN = ("v2", "fairness", "store")
@@ -119,11 +120,11 @@ def one_line(result: dict) -> str:
 def server_loads(model, runner, chosen, plan) -> list[tuple[str, str, Callable]]:
     """(scenario, level, run(server, plan)) for every load the chosen scenarios hold."""
     loads = []
-    for over_ws, name in ((False, "step_http"), (True, "step_ws")):
+    for name in scenarios.STEP_KINDS:
         if name in chosen:
             loads += [(name, str(n), functools.partial(
-                lambda server, p, n, ws: scenarios.steps(server, model, runner, p, n, ws),
-                n=n, ws=over_ws)) for n in plan.levels]
+                lambda server, p, n, name: scenarios.steps(server, model, runner, p, n, name),
+                n=n, name=name)) for n in plan.levels]
     if "generate" in chosen:
         loads += [("generate", str(n), functools.partial(
             lambda server, p, n: scenarios.generate(server, model, runner, p, n), n=n))
@@ -137,6 +138,8 @@ def server_loads(model, runner, chosen, plan) -> list[tuple[str, str, Callable]]
 
 def run_server_scenarios(kind, model, runner, plan, chosen, results, out, carousel_env
                          ) -> None:
+    if kind != "carousel":
+        chosen = chosen - ONLY_CAROUSEL
     server = servers.start(kind, model, out / "logs", carousel_env)
     try:
         for name, level, load in server_loads(model, runner, chosen, plan):
@@ -157,10 +160,13 @@ def run_paired(model, runner, plan, chosen, results, out, carousel_env, baseline
         one = plans.Plan(**{**plan.to_dict(), "reps": 1})
         for name, level, load in server_loads(model, runner, chosen, plan):
             runs = {"carousel": [], "baseline": []}
+            turns = ("carousel",) if name in ONLY_CAROUSEL else ("carousel", "baseline")
             for rep in range(plan.reps):
-                for kind in ("carousel", "baseline")[:: 1 if rep % 2 == 0 else -1]:
+                for kind in turns[:: 1 if rep % 2 == 0 else -1]:
                     runs[kind].append(load(both[kind], one))
             for kind, folded in runs.items():
+                if not folded:
+                    continue
                 r = scenarios.fold(folded)
                 results["scenarios"].setdefault(name, {}).setdefault(level, {})[kind] = r
                 log(f"  {name:9} {level:>4} {kind:8} {one_line(r)}")
@@ -176,8 +182,9 @@ def run_profiles(model, runner, plan, out, carousel_env) -> dict:
     one.step_requests = max(plan.step_requests, 20_000)  # a few seconds: ~1000 samples
     one.max_steps = max(one.max_steps, 400)
     one.gen_tokens = max(one.gen_tokens, 1024)
-    loads = {"step_http": lambda server: scenarios.steps(server, model, runner, one, 64, False),
-             "step_ws": lambda server: scenarios.steps(server, model, runner, one, 64, True),
+    loads = {"step_http": lambda server: scenarios.steps(server, model, runner, one, 64),
+             "step_ws": lambda server: scenarios.steps(server, model, runner, one, 64,
+                                                       "step_ws"),
              "generate": lambda server: scenarios.generate(server, model, runner, one, 64)}
     found = {}
     server = servers.start("carousel", model, out / "logs", carousel_env)
@@ -258,7 +265,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
             log(f"  limit {label}: " + ", ".join(
                 f"b{b} {d['us_per_step']:.0f} µs" for b, d in r["decode"].items())
                 + f", prefill {r['prefill']['ms']:.1f} ms")
-    for kind in kinds if chosen & {"step_http", "step_ws", "generate", "predict"} else []:
+    for kind in kinds if chosen & {*scenarios.STEP_KINDS, "generate", "predict"} else []:
         if kind == "carousel" and args.baseline is not None:
             run_paired(model, runner, plan, chosen, results, args.out, carousel_env,
                        args.baseline)
@@ -270,7 +277,7 @@ def measure(args, plan: plans.Plan, model: ModelVersion, carousel_env: dict, sta
         for kind in LOWER_FLOORS:
             server = servers.start(kind, model, args.out / "logs", carousel_env)
             try:
-                r = scenarios.steps(server, model, runner, plan, FLOOR_LEVEL, over_ws=False)
+                r = scenarios.steps(server, model, runner, plan, FLOOR_LEVEL)
             finally:
                 server.stop()
             results["scenarios"]["step_http"].setdefault(str(FLOOR_LEVEL), {})[kind] = r

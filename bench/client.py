@@ -140,7 +140,7 @@ class Connection:
 
 
 class WebSocket:
-    """Client side of RFC 6455 text frames: masked out, unmasked in."""
+    """Client side of RFC 6455 text and binary frames: masked out, unmasked in."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
@@ -163,9 +163,17 @@ class WebSocket:
     async def send_text(self, text: str) -> None:
         self.writer.write(self._frame(0x1, text.encode()))
 
+    async def send_binary(self, data: bytes) -> None:
+        self.writer.write(self._frame(0x2, data))
+
     async def receive_text(self) -> str:
         """The next text message (fragments joined); answers pings on the way."""
+        return (await self.receive())[1].decode()
+
+    async def receive(self) -> tuple[int, bytes]:
+        """The next message, (opcode of its first frame: 1 text, 2 binary; its payload)."""
         parts: list[bytes] = []
+        kind = 0
         while True:
             first, second = await self.reader.readexactly(2)
             n = second & 0x7F
@@ -179,10 +187,11 @@ class WebSocket:
                 self.writer.write(self._frame(0xA, payload))
             elif opcode == 0x8:
                 raise ConnectionResetError(f"websocket closed by server: {payload[:2]!r}")
-            elif opcode in (0x0, 0x1):
+            elif opcode in (0x0, 0x1, 0x2):
+                kind = kind or opcode
                 parts.append(payload)
                 if first & 0x80:  # FIN
-                    return b"".join(parts).decode()
+                    return kind, b"".join(parts)
             elif opcode != 0xA:
                 raise ProtocolError(f"unexpected websocket opcode {opcode}")
 

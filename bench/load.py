@@ -8,7 +8,8 @@ CPU time and the server's (from /proc) over the measured phase.
 Every loop is bounded: a fixed number of requests per session, and the whole run is
 cancelled at its deadline.
 
-Kinds: step_http, step_ws (each session steps its own token list one token per request,
+Kinds: step_http, step_ws, step_wsb (binary WebSocket frames) (each session steps its own
+token list one token per request,
 the first `warmup` steps untimed), generate (each primed session streams `max_tokens`
 greedy tokens over SSE), predict (`clients` clients each send `requests` batches), create
 (`count` sessions, each primed with `prime`, over `clients` connections).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import sys
 import time
 
@@ -117,7 +119,21 @@ def top1(payload: dict) -> list:
     return [best["token"], best["logprob"]]
 
 
-async def run_steps(spec: dict, over_ws: bool) -> dict:
+# The binary step frame (service/wsbinary.py): magic 0, version 1, flags 0, top_k, the tokens.
+BINARY_STEP = struct.Struct("<BBBH")
+BINARY_ANSWER = struct.Struct("<BBBHQ")  # then k token bytes, then k float32 log-probabilities
+
+
+def binary_top1(raw: bytes) -> list:
+    magic, version, _, k, _ = BINARY_ANSWER.unpack_from(raw)
+    if (magic, version) != (0, 1) or k < 1:
+        raise ValueError(f"not a binary step answer: {raw[:40]!r}")
+    (logprob,) = struct.unpack_from("<f", raw, BINARY_ANSWER.size + k)
+    return [raw[BINARY_ANSWER.size], logprob]
+
+
+async def run_steps(spec: dict, transport: str) -> dict:
+    """transport: "http" (POST /step), "ws" (JSON frames) or "wsb" (binary frames)."""
     sequences: list[list[int]] = spec["sequences"]
     warmup, top_k = spec["warmup"], spec.get("top_k", 1)
     run = Run(spec, len(sequences))
@@ -128,8 +144,11 @@ async def run_steps(spec: dict, over_ws: bool) -> dict:
         conn = connect(spec)
         given = spec.get("session_ids")  # step existing sessions (memory scenario's check)
         sid = given[s] if given else await create_session(conn, spec, [])
-        bodies = [json.dumps({"tokens": [t], "top_k": top_k}) for t in sequences[s]]
-        ws = await conn.websocket(f"/v1/sessions/{sid}/ws") if over_ws else None
+        if transport == "wsb":
+            bodies = [BINARY_STEP.pack(0, 1, 0, top_k) + bytes([t]) for t in sequences[s]]
+        else:
+            bodies = [json.dumps({"tokens": [t], "top_k": top_k}) for t in sequences[s]]
+        ws = await conn.websocket(f"/v1/sessions/{sid}/ws") if transport != "http" else None
         path = f"/v1/sessions/{sid}/step"
         try:
             for k, body in enumerate(bodies):
@@ -137,16 +156,24 @@ async def run_steps(spec: dict, over_ws: bool) -> dict:
                     await run.barrier()
                 start = time.perf_counter()
                 try:
-                    if ws is not None:
-                        await ws.send_text(body)
-                        status, raw = 200, await ws.receive_text()
+                    if transport == "wsb":
+                        await ws.send_binary(body)
+                        opcode, raw = await ws.receive()
+                        elapsed = time.perf_counter() - start
+                        if opcode != 2:  # an error is a JSON text frame
+                            raise RuntimeError(f"{raw[:200]!r}")
+                        answers[s].append(binary_top1(raw))
                     else:
-                        status, raw = await conn.request("POST", path, body.encode())
-                    elapsed = time.perf_counter() - start
-                    payload = json.loads(raw)
-                    if status != 200 or "error" in payload:
-                        raise RuntimeError(f"{status} {raw[:200]!r}")
-                    answers[s].append(top1(payload))
+                        if ws is not None:
+                            await ws.send_text(body)
+                            status, raw = 200, await ws.receive_text()
+                        else:
+                            status, raw = await conn.request("POST", path, body.encode())
+                        elapsed = time.perf_counter() - start
+                        payload = json.loads(raw)
+                        if status != 200 or "error" in payload:
+                            raise RuntimeError(f"{status} {raw[:200]!r}")
+                        answers[s].append(top1(payload))
                     if k >= warmup:
                         latencies.append(elapsed)
                 except FAILURES as e:
@@ -305,8 +332,9 @@ async def run_create(spec: dict) -> dict:
 
 
 KINDS = {
-    "step_http": lambda spec: run_steps(spec, over_ws=False),
-    "step_ws": lambda spec: run_steps(spec, over_ws=True),
+    "step_http": lambda spec: run_steps(spec, "http"),
+    "step_ws": lambda spec: run_steps(spec, "ws"),
+    "step_wsb": lambda spec: run_steps(spec, "wsb"),
     "generate": run_generate,
     "predict": run_predict,
     "create": run_create,

@@ -48,7 +48,8 @@ def rows(results: dict) -> list[dict]:
                     "naive": values.get("naive"), "floor": values.get("floor"), "limit": limit,
                     "baseline": values.get("baseline"), "better": better})
 
-    for kind, title in (("step_http", "HTTP /step"), ("step_ws", "WebSocket step")):
+    for kind, title in (("step_http", "HTTP /step"), ("step_ws", "WebSocket step"),
+                        ("step_wsb", "WebSocket step, binary frames")):
         for level, per_server in sc.get(kind, {}).items():
             n = int(level)
             name = f"{title}, {n} session{'s' if n > 1 else ''}"
@@ -151,6 +152,8 @@ def against_limits(results: dict) -> list[dict]:
            "tokens_per_s"), one, 0.5, ">=", "one-thread limit")
     target("WebSocket step, 64 sessions, tokens/s", _get(sc, "step_ws", "64", "carousel",
            "tokens_per_s"), one, 0.6, ">=", "one-thread limit")
+    target("(same, binary frames)", _get(sc, "step_wsb", "64", "carousel", "tokens_per_s"),
+           one, 0.6, ">=", "one-thread limit")
     target("generation, 64 streams, tokens/s", _get(sc, "generate", "64", "carousel",
            "tokens_per_s"), two, 0.85, ">=", "two-core limit")
     target("generation, 1 stream, tokens/s", _get(sc, "generate", "1", "carousel",
@@ -183,6 +186,53 @@ def limits_table(results: dict) -> list[str]:
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['against']} | "
                      f"{_fmt(t['reference'])} | {ratio} | {t['holds_when']} "
                      f"{_fmt(t['threshold'])} | {met} |")
+    return lines + serial_budget_table(results)
+
+
+SERIAL_TARGETS = {"step_http": 0.5, "step_ws": 0.6, "step_wsb": 0.6}  # x the one-thread limit
+
+
+def serial_budget(results: dict) -> list[dict]:
+    """What one step costs the one interpreter lock, at 64 sessions: the event loop's CPU
+    (Python nearly all of it) plus the inference threads' CPU outside onnxruntime (numpy and
+    Python). Only one thread runs Python at a time, so 1 / that is about the most steps a
+    second this code can serve, however the threads overlap; the target's rate says how
+    small it must be."""
+    one = _get(results.get("physical") or {}, "one_thread", "tokens_per_s")
+    out = []
+    for kind, factor in SERIAL_TARGETS.items():
+        r = _get(results.get("scenarios", {}), kind, "64", "carousel") or {}
+        threads, ort = r.get("server_threads_us_per_unit") or {}, r.get("onnxruntime_us_per_unit")
+        if "main" not in threads or ort is None:
+            continue
+        loop, inference = threads["main"], sum(v for k, v in threads.items() if k != "main")
+        serial = loop + max(inference - ort, 0.0)
+        out.append({"scenario": kind, "tokens_per_s": r.get("tokens_per_s"), "loop_us": loop,
+                    "inference_us": inference, "onnxruntime_us": ort, "serial_us": serial,
+                    "ceiling_per_s": 1e6 / serial if serial else None,
+                    "target_per_s": factor * one if one else None,
+                    "target_serial_us": 1e6 / (factor * one) if one else None})
+    return out
+
+
+def serial_budget_table(results: dict) -> list[str]:
+    rows_ = serial_budget(results)
+    if not rows_:
+        return []
+    lines = ["", "Per step at 64 sessions (µs of CPU, from /proc and carousel's own timing of "
+             "its onnxruntime calls): what holds the interpreter lock is the event loop's CPU "
+             "plus the inference threads' CPU outside onnxruntime; 1 / that is about the most "
+             "steps a second this code can serve.", "",
+             "| scenario | tokens/s | event loop | inference threads | of which onnxruntime "
+             "| serial (lock) | ceiling /s | measured / ceiling | target /s | serial the "
+             "target allows |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in rows_:
+        lines.append(
+            f"| {b['scenario']} | {_fmt(b['tokens_per_s'])} | {_fmt(b['loop_us'])} | "
+            f"{_fmt(b['inference_us'])} | {_fmt(b['onnxruntime_us'])} | "
+            f"{_fmt(b['serial_us'])} | {_fmt(b['ceiling_per_s'])} | "
+            f"{_ratio(b['tokens_per_s'], b['ceiling_per_s'])} | {_fmt(b['target_per_s'])} | "
+            f"{_fmt(b['target_serial_us'])} |")
     return lines
 
 
@@ -350,7 +400,8 @@ def plot(results: dict, path: Path) -> None:
 def write(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**results, "rows": rows(results), "targets": targets(results),
-               "against_limits": against_limits(results)}
+               "against_limits": against_limits(results),
+               "serial_budget": serial_budget(results)}
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
              "png": out_dir / "results.png"}
     paths["json"].write_text(json.dumps(results, indent=1, default=str))

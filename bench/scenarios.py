@@ -68,6 +68,14 @@ def mean_batch_size(result: dict) -> float | None:
     return total / count if count else None
 
 
+def metric_delta(result: dict, name: str) -> float | None:
+    """How much a carousel metric (summed over its labels) grew over the measured phase."""
+    if "metrics_after" not in result:
+        return None
+    before, after = metric_totals(result["metrics_before"]), metric_totals(result["metrics_after"])
+    return after[name] - before.get(name, 0.0) if name in after else None
+
+
 def base_spec(server: Server, model: ModelVersion, plan: Plan, kind: str) -> dict:
     return {"kind": kind, "host": "127.0.0.1", "port": server.port, "model": model.name,
             "server_pid": server.pid, "metrics_path": server.metrics_path,
@@ -93,7 +101,15 @@ def summarize(result: dict, work: float, unit: str) -> dict:
            # Per server thread: is the event loop (main) or the inference worker saturated?
            "server_threads_cpu_pct": {name: 100 * cpu / wall for name, cpu in
                                       result.get("server_threads_cpu_s", {}).items()
-                                      if timed and cpu / wall > 0.01}}
+                                      if timed and cpu / wall > 0.01},
+           # The per-step budget: each thread's CPU, and onnxruntime's share of the inference
+           # threads' (carousel's own timing of its calls, wall time on one intra-op thread).
+           "server_threads_us_per_unit": {name: 1e6 * cpu / work for name, cpu in
+                                          result.get("server_threads_cpu_s", {}).items()
+                                          if timed and work and cpu / wall > 0.01}}
+    inference_s = metric_delta(result, "carousel_inference_duration_seconds_sum")
+    if inference_s is not None and work:
+        out["onnxruntime_us_per_unit"] = 1e6 * inference_s / work
     for key in ("latency_s", "first_token_s", "inter_token_s"):
         if result.get(key):
             out[key[:-2] + "_ms"] = {q: result[key][q] * 1e3 for q in ("p50", "p95", "p99",
@@ -153,12 +169,16 @@ def merge(total: Check, part: Check) -> None:
     total.samples += part.samples[: 5 - len(total.samples)]
 
 
+STEP_KINDS = ("step_http", "step_ws", "step_wsb")  # POST /step, JSON frames, binary frames
+
+
 def steps(server: Server, model: ModelVersion, runner: GraphRunner, plan: Plan, sessions: int,
-          over_ws: bool) -> dict:
-    """Scenarios 3 and 4: `sessions` sessions each step their own text, one token a request."""
+          kind: str = "step_http") -> dict:
+    """Scenarios 3 and 4: `sessions` sessions each step their own text, one token a request,
+    over `kind`, one of STEP_KINDS."""
     timed = plan.steps_per_session(sessions)
     sequences = session_sequences(sessions, plan.warmup + timed)
-    spec = {**base_spec(server, model, plan, "step_ws" if over_ws else "step_http"),
+    spec = {**base_spec(server, model, plan, kind),
             "sequences": sequences, "warmup": plan.warmup, "top_k": 1}
 
     def once(check: Check | None) -> dict:

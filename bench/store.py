@@ -118,8 +118,7 @@ def measure_config(model, runner, plan, out, env, redis_pid, name) -> dict:
     found = {}
     try:
         for scenario, load in (
-                ("step_http", lambda: scenarios.steps(server, model, runner, plan, SESSIONS,
-                                                      False)),
+                ("step_http", lambda: scenarios.steps(server, model, runner, plan, SESSIONS)),
                 ("generate", lambda: scenarios.generate(server, model, runner, plan,
                                                         SESSIONS))):
             before, t0 = _cpu(redis_pid), time.monotonic()

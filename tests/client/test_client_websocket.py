@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from carousel_client import AsyncClient, Client, InvalidRequest, PositionMismatch, UnknownSession
 
@@ -71,3 +72,57 @@ def test_a_socket_on_a_deleted_session(server, api):
         with pytest.raises(UnknownSession) as e, s.websocket() as ws:
             ws.step("b")
         assert (e.value.code, e.value.status) == ("unknown_session", 404)
+
+
+def test_binary_socket_answers_as_the_json_one(server, api, tiny, check):
+    """websocket(binary=True): the same StepResults as JSON frames (float32 log-probabilities
+    and logits), PyTorch's numbers, the same errors, and generations still work on it."""
+    ref = tiny["tinylstm"]
+    with Client(server.url, trust_env=False) as client, \
+            client.session("tinylstm", "bin: ") as s, s.fork() as twin:
+        with s.websocket(binary=True) as ws, twin.websocket() as js:
+            text = "bin: "
+            for piece, k in (("héllo", None), ("\n", 2), ("x", 0)):
+                r = ws.step(piece, top_k=k, return_logits=True)
+                j = js.step(piece, top_k=k, return_logits=True)
+                text += piece
+                check.logits(r.logits, ref.last(text))
+                assert r.position == j.position == s.position == len(text.encode())
+                assert [(t.token, t.text) for t in r.top_k] == [(t.token, t.text) for t in j.top_k]
+                assert [t.logprob for t in r.top_k] == \
+                    [float(np.float32(t.logprob)) for t in j.top_k]
+                assert r.logits == tuple(float(np.float32(x)) for x in j.logits)
+            r = ws.step(tokens=[0, 255])
+            assert r.position == len(text.encode()) + 2 and len(r.top_k) == 5
+            with pytest.raises(InvalidRequest) as e:
+                ws.step(tokens=[256])  # no binary form: sent as JSON, refused as JSON is
+            assert (e.value.code, e.value.status) == ("token_out_of_range", 422)
+            with pytest.raises(InvalidRequest) as e:
+                ws.step("")
+            assert (e.value.code, e.value.status) == ("empty_input", 422)
+            whole = ws.generate(max_tokens=3, seed=1)
+            assert whole.position == s.position == api.position(s.id)
+
+
+def test_async_binary_socket(server, api, tiny, check):
+    ref = tiny["tinygru"]
+
+    async def main() -> None:
+        async with AsyncClient(server.url, trust_env=False) as client:
+            async with client.session("tinygru", "a") as s, s.websocket(binary=True) as ws:
+                text = "a"
+                for piece in ["sync", " bin", "ary ✓"]:
+                    r = await ws.step(piece, return_logits=True)
+                    text += piece
+                    check.logits(r.logits, ref.last(text))
+                    check.top_k([{"token": t.token, "text": t.text, "logprob": t.logprob}
+                                 for t in r.top_k], ref.last(text))
+                    assert r.position == s.position == len(text.encode())
+                await s.step("moved")  # HTTP moves it; the socket's next step retries
+                other = await client.attach(s.id)
+                await other.step("!")
+                with pytest.raises(PositionMismatch):
+                    await ws.step("stale")
+                assert await ws.sync_position() == api.position(s.id)
+
+    asyncio.run(main())

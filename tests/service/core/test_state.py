@@ -75,3 +75,20 @@ def test_a_missing_row_is_zero_state():
     feeds = layout.stack([None, np.ones(layout.size, dtype=np.float32)])
     assert not feeds["state_a"][:, 0].any() and feeds["state_a"][:, 1].all()
     assert not feeds["state_b"][0].any() and feeds["state_b"][1].all()
+
+
+def test_unstack_takes_outputs_and_extras_in_any_memory_order():
+    """Rows are joined from the outputs' bytes: a strided output or extras array (a slice of
+    a bigger one) must give the same rows as contiguous ones."""
+    layout = StateLayout(LM_STATES, V)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    b_wide = rng.normal(size=(4, 8)).astype(np.float32)
+    wide = rng.normal(size=(4, 2, V)).astype(np.float32)
+    outputs = {"state_a_out": np.asfortranarray(a), "state_b_out": b_wide[:, ::2]}
+    extras = wide[:, 1, :]  # strided, as the logits of a batch's last position are
+    rows = layout.unstack(outputs, extras, 4)
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(row[:6], a[:, i, :].reshape(-1))
+        np.testing.assert_array_equal(row[6:10], b_wide[i, ::2])
+        np.testing.assert_array_equal(row[10:], wide[i, 1])
