@@ -46,7 +46,7 @@ class Server:
 
     @property
     def metrics_path(self) -> str | None:
-        return "/metrics" if self.kind == "carousel" else None
+        return "/metrics" if self.kind in ("carousel", "baseline") else None
 
     def log_tail(self, lines: int = 20) -> str:
         with contextlib.suppress(OSError):

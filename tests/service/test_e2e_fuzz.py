@@ -173,6 +173,50 @@ def test_websocket_frames(fuzzed, fapi, victim, target):
         assert "position" in json.loads(ws.recv(timeout=60))
 
 
+@st.composite
+def binary_steps(draw) -> bytes:
+    """Binary step frames (service/wsbinary.py): valid ones with any field value, and valid
+    ones cut short, with a byte flipped or with bytes appended; all start with the magic 0."""
+    flags = draw(st.integers(0, 255) | st.sampled_from([0, 1, 2, 3]))
+    head = bytes([0, draw(st.sampled_from([1, 1, 1, 0, 2, 255])), flags])
+    head += draw(st.integers(0, 2**16 - 1) | st.integers(0, 300)).to_bytes(2, "little")
+    if flags & 1:
+        head += draw(st.integers(0, 2**64 - 1) | st.integers(0, 40)).to_bytes(8, "little")
+    frame = head + draw(st.binary(max_size=40))
+    mutation = draw(st.sampled_from(["none", "cut", "flip"]))
+    if mutation == "cut" and len(frame) > 1:
+        frame = frame[: draw(st.integers(1, len(frame) - 1))]
+    elif mutation == "flip" and len(frame) > 1:
+        i = draw(st.integers(1, len(frame) - 1))
+        frame = frame[:i] + bytes([frame[i] ^ draw(st.integers(1, 255))]) + frame[i + 1:]
+    return frame
+
+
+def test_websocket_binary_step_frames(fuzzed, fapi, victim, target):
+    """A binary frame is answered by a binary answer or a JSON error, never a closed socket;
+    an error leaves the session where it was, an answer says where the session now is."""
+    with connect(f"{fuzzed.ws_url}/v1/sessions/{target}/ws", proxy=None) as ws:
+        @given(frame=binary_steps())
+        @fuzz(120)
+        def one(frame: bytes) -> None:
+            before = fapi.position(target)
+            ws.send(frame)
+            reply = ws.recv(timeout=60)
+            if isinstance(reply, str):
+                obj = json.loads(reply)
+                assert set(obj) == {"error"} and CODE.match(obj["error"]["code"]), obj
+                assert fapi.position(target) == before, (frame, obj)
+                return
+            assert reply[:2] == b"\x00\x01", reply[:16]
+            position = int.from_bytes(reply[5:13], "little")
+            # Applied (the position moved), or a retry of the last step answered again.
+            assert position == fapi.position(target) >= before, (frame, reply[:16])
+
+        one()
+        ws.send(json.dumps({"text": "!"}))
+        assert "position" in json.loads(ws.recv(timeout=60))
+
+
 def test_openai_completion_bodies(fapi, victim):
     @given(body=bodies(COMPLETION))
     @fuzz(60)
