@@ -170,9 +170,21 @@ def run_paired(model, runner, plan, chosen, results, out, carousel_env, baseline
                 r = scenarios.fold(folded)
                 results["scenarios"].setdefault(name, {}).setdefault(level, {})[kind] = r
                 log(f"  {name:9} {level:>4} {kind:8} {one_line(r)}")
+            if runs["baseline"]:  # each round's own ratio: how far apart the rounds are
+                results.setdefault("paired", {}).setdefault(name, {})[level] = [
+                    {key: _per(c, b, key) for key in PAIRED}
+                    for c, b in zip(runs["carousel"], runs["baseline"], strict=True)]
     finally:
         for server in both.values():
             server.stop()
+
+
+PAIRED = ("tokens_per_s", "server_cpu_us_per_unit")  # per round, carousel ÷ baseline
+
+
+def _per(c: dict, b: dict, key: str) -> float | None:
+    x, y = c.get(key), b.get(key)
+    return x / y if isinstance(x, int | float) and isinstance(y, int | float) and y else None
 
 
 def run_profiles(model, runner, plan, out, carousel_env) -> dict:

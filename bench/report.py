@@ -165,6 +165,26 @@ def against_limits(results: dict) -> list[dict]:
     return out
 
 
+def paired_table(results: dict) -> list[str]:
+    """With --baseline: each round's carousel ÷ baseline, in the order the rounds ran."""
+    paired = results.get("paired")
+    if not paired:
+        return []
+    lines = ["", "## Round by round against the baseline", "",
+             "Each round ran both servers back to back (who went first alternating); the "
+             "spread of these ratios is how far apart two rounds of the same comparison are.",
+             "", "| scenario | level | tokens/s ratio per round | CPU per unit ratio per round |",
+             "|---|---|---|---|"]
+    def col(rounds: list[dict], key: str) -> str:
+        return ", ".join("–" if r[key] is None else f"{r[key]:.2f}" for r in rounds)
+
+    for name, levels in paired.items():
+        for level, rounds in levels.items():
+            lines.append(f"| {name} | {level} | {col(rounds, 'tokens_per_s')} | "
+                         f"{col(rounds, 'server_cpu_us_per_unit')} |")
+    return lines
+
+
 def limits_table(results: dict) -> list[str]:
     ph = results.get("physical")
     if not ph:
@@ -323,6 +343,7 @@ def markdown(results: dict) -> str:
         met = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
         lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['holds_when']} "
                      f"{_fmt(t['threshold'])} | {met} |")
+    lines += paired_table(results)
     lines += limits_table(results)
     lines += ["", "## In-process limit (onnxruntime alone)", "", *limit_table(results.get("limit")),
               "", "## Errors, correctness, batching, CPU", "", *health(results)]
