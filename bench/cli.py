@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import json
 import os
 import platform
@@ -122,17 +121,14 @@ def server_loads(model, runner, chosen, plan) -> list[tuple[str, str, Callable]]
     loads = []
     for name in scenarios.STEP_KINDS:
         if name in chosen:
-            loads += [(name, str(n), functools.partial(
-                lambda server, p, n, name: scenarios.steps(server, model, runner, p, n, name),
-                n=n, name=name)) for n in plan.levels]
+            loads += [(name, str(n), lambda server, p, n=n, name=name:
+                       scenarios.steps(server, model, runner, p, n, name)) for n in plan.levels]
     if "generate" in chosen:
-        loads += [("generate", str(n), functools.partial(
-            lambda server, p, n: scenarios.generate(server, model, runner, p, n), n=n))
-            for n in plan.gen_levels]
+        loads += [("generate", str(n), lambda server, p, n=n:
+                   scenarios.generate(server, model, runner, p, n)) for n in plan.gen_levels]
     if "predict" in chosen:
-        loads += [("predict", case.label, functools.partial(
-            lambda server, p, case: scenarios.predict(server, model, runner, p, case),
-            case=case)) for case in plan.predict]
+        loads += [("predict", case.label, lambda server, p, case=case:
+                   scenarios.predict(server, model, runner, p, case)) for case in plan.predict]
     return loads
 
 

@@ -56,24 +56,19 @@ def metric_totals(text: str) -> dict[str, float]:
     return totals
 
 
-def mean_batch_size(result: dict) -> float | None:
+def metric_deltas(result: dict) -> dict[str, float]:
+    """How much each carousel metric (summed over its labels) grew over the measured phase."""
+    if "metrics_after" not in result:
+        return {}
+    before, after = metric_totals(result["metrics_before"]), metric_totals(result["metrics_after"])
+    return {name: value - before.get(name, 0.0) for name, value in after.items()}
+
+
+def mean_batch_size(deltas: dict[str, float]) -> float | None:
     """Δsum / Δcount of carousel's batch-size histogram(s) over the measured phase."""
-    if "metrics_after" not in result:
-        return None
-    before, after = metric_totals(result["metrics_before"]), metric_totals(result["metrics_after"])
-    sums = [n for n in after if "batch_size" in n and n.endswith("_sum")]
-    total = sum(after[n] - before.get(n, 0.0) for n in sums)
-    count = sum(after[n[:-4] + "_count"] - before.get(n[:-4] + "_count", 0.0) for n in sums
-                if n[:-4] + "_count" in after)
-    return total / count if count else None
-
-
-def metric_delta(result: dict, name: str) -> float | None:
-    """How much a carousel metric (summed over its labels) grew over the measured phase."""
-    if "metrics_after" not in result:
-        return None
-    before, after = metric_totals(result["metrics_before"]), metric_totals(result["metrics_after"])
-    return after[name] - before.get(name, 0.0) if name in after else None
+    sums = [n for n in deltas if "batch_size" in n and n.endswith("_sum")]
+    count = sum(deltas.get(n[:-4] + "_count", 0.0) for n in sums)
+    return sum(deltas[n] for n in sums) / count if count else None
 
 
 def base_spec(server: Server, model: ModelVersion, plan: Plan, kind: str) -> dict:
@@ -89,11 +84,12 @@ def summarize(result: dict, work: float, unit: str) -> dict:
     wall = result["wall_s"]
     # /proc counts CPU in 10 ms ticks: over a shorter phase a CPU share means nothing.
     timed = wall >= MIN_CPU_WALL_S
+    deltas = metric_deltas(result)
     out = {unit: work / wall if wall > 0 else 0.0, "wall_s": wall, "errors": result["errors"],
            "error_samples": result["error_samples"],
            "client_cpu_pct": 100 * result["client_cpu_s"] / wall if timed else None,
            "server_cpu_pct": 100 * result.get("server_cpu_s", 0) / wall if timed else None,
-           "mean_batch_size": mean_batch_size(result),
+           "mean_batch_size": mean_batch_size(deltas),
            # CPU per unit of work is what contention changes least: the cost of one request.
            "server_cpu_us_per_unit": (1e6 * result.get("server_cpu_s", 0) / work
                                       if work and timed else None),
@@ -107,7 +103,7 @@ def summarize(result: dict, work: float, unit: str) -> dict:
            "server_threads_us_per_unit": {name: 1e6 * cpu / work for name, cpu in
                                           result.get("server_threads_cpu_s", {}).items()
                                           if timed and work and cpu / wall > 0.01}}
-    inference_s = metric_delta(result, "carousel_inference_duration_seconds_sum")
+    inference_s = deltas.get("carousel_inference_duration_seconds_sum")
     if inference_s is not None and work:
         out["onnxruntime_us_per_unit"] = 1e6 * inference_s / work
     for key in ("latency_s", "first_token_s", "inter_token_s"):

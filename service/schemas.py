@@ -118,18 +118,19 @@ def to_tokens(text: str | None, tokens: list[int] | None, *, required: bool,
         return None
     if text is not None:
         data = text.encode("utf-8", errors="surrogatepass")
-        if len(data) > limit:
-            raise TooManyTokens(
-                f"the input is {len(data)} tokens; the limit is {limit} per request")
-        array = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-    else:
-        if len(tokens) > limit:
-            raise TooManyTokens(
-                f"the input is {len(tokens)} tokens; the limit is {limit} per request")
-        try:
-            array = np.array(tokens, dtype=np.int64)
-        except OverflowError:
-            raise TokenOutOfRange("a token is outside the vocabulary: tokens are 0..255") from None
-    if array.size == 0:
+        check_count(len(data), limit)
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    check_count(len(tokens), limit)
+    try:
+        return np.array(tokens, dtype=np.int64)
+    except OverflowError:
+        raise TokenOutOfRange("a token is outside the vocabulary: tokens are 0..255") from None
+
+
+def check_count(n: int, limit: int) -> None:
+    """An input of n tokens is refused if it is empty or over the limit per request (however
+    it came: text, a token list, a binary WebSocket frame)."""
+    if n > limit:
+        raise TooManyTokens(f"the input is {n} tokens; the limit is {limit} per request")
+    if n == 0:
         raise EmptyInput("the input is empty: send at least one token or character")
-    return array

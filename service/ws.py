@@ -127,12 +127,10 @@ class Inbox:
         return True
 
 
-def decode_frame(raw: str | bytes | None, limit: int) -> dict:
+def decode_frame(raw: str | bytes | None) -> dict:
     """A frame's JSON object, or the error it deserves."""
     if not raw:
         raise InvalidJson("empty frame: send a JSON object")
-    if _size(raw, limit) > limit:
-        raise RequestTooLarge(f"the frame is over the limit of {limit} bytes")
     try:
         obj = from_json(raw)
     except ValueError as e:
@@ -155,10 +153,13 @@ async def _frame(svc: Service, inbox: Inbox, session_id: str, raw,
     svc.check_accepting()
     if tenant is not None:
         tenant.admit_request()
+    limit = svc.settings.max_body_bytes
+    if raw and _size(raw, limit) > limit:  # every frame, JSON or binary
+        raise RequestTooLarge(f"the frame is over the limit of {limit} bytes")
     if wsbinary.is_binary_step(raw):
         await _binary_step(svc, inbox.websocket, session_id, raw, tenant)
         return
-    obj = decode_frame(raw, svc.settings.max_body_bytes)
+    obj = decode_frame(raw)
     if "generate" in obj:
         await _generate(svc, inbox, session_id, parse(WsGenerateFrame, obj), tenant)
         return
@@ -168,9 +169,6 @@ async def _frame(svc: Service, inbox: Inbox, session_id: str, raw,
 
 async def _binary_step(svc: Service, websocket: WebSocket, session_id: str, raw: bytes,
                        tenant: Tenant | None) -> None:
-    if len(raw) > svc.settings.max_body_bytes:
-        raise RequestTooLarge(f"the frame is over the limit of {svc.settings.max_body_bytes} "
-                              "bytes")
     step = wsbinary.decode_step(raw, svc.settings.max_tokens_per_request)
     _, answer = await svc.plane.step_tokens(session_id, step.tokens, step.position, step.top_k,
                                             tenant=tenant)

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bytelm import Answer
-from .errors import EmptyInput, InvalidFrame, InvalidInput, TooManyTokens
-from .schemas import MAX_TOP_K
+from .errors import InvalidFrame, InvalidInput
+from .schemas import MAX_TOP_K, check_count
 
 MAGIC, VERSION = 0, 1
 HAS_POSITION, RETURN_LOGITS = 1, 2
@@ -77,11 +77,7 @@ def decode_step(raw: bytes, limit: int) -> BinaryStep:
             raise InvalidFrame("the binary step's flags say a position follows; it does not")
         (position,) = _POSITION.unpack_from(raw, start)
         start += _POSITION.size
-    n = len(raw) - start
-    if n == 0:
-        raise EmptyInput("the input is empty: send at least one token or character")
-    if n > limit:
-        raise TooManyTokens(f"the input is {n} tokens; the limit is {limit} per request")
+    check_count(len(raw) - start, limit)
     tokens = np.frombuffer(raw, dtype=np.uint8, offset=start).astype(np.int64)
     return BinaryStep(tokens, position, top_k, bool(flags & RETURN_LOGITS))
 
